@@ -1,0 +1,126 @@
+"""The base class every scratchopt algorithm derives from.
+
+An algorithm module supplies three small things and nothing about execution:
+
+* ``update(param, grad, *state_tensors, **scalars)`` — the math, written once with Tensor methods
+  (``add_``, ``mul_``, ``lerp_``, ``addcmul_``, ``addcdiv_``, ``sqrt`` …) and Python arithmetic on the
+  scalars, so that a strategy can hand it a single tensor, a list of tensors or one flat buffer;
+* ``state_keys`` — the names of the per-parameter state tensors, in the order ``update`` takes them;
+* ``_init_state`` / ``_hyperparameters`` — torch's lazy state initialisation and the group's
+  hyperparameters, read afresh at every step so schedulers and edited ``param_groups`` take effect.
+
+:class:`ScratchOptimizer` (a real :class:`torch.optim.Optimizer`) owns the rest: which parameters take
+part in a step, ``step`` counting, complex parameters, the closure, and the strategy chosen with ``impl=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from scratchopt import strategies
+
+IMPLS: tuple[str, ...] = ("loop", "foreach", "compiled", "flat", "fused")
+
+
+def scalar_dtype(fused: bool | None = False) -> torch.dtype:
+    """The dtype torch gives the ``step`` counter: float32, or float64 under a float64 default dtype."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def new_step_counter(param: Tensor, group: dict[str, Any]) -> Tensor:
+    """A zero ``step`` placed as torch places it: on the CPU unless capturable or fused."""
+    if group.get("capturable") or group.get("fused"):
+        return torch.zeros((), dtype=scalar_dtype(group.get("fused")), device=param.device)
+    return torch.tensor(0.0, dtype=scalar_dtype())
+
+
+def squeeze_scalar(value: Any) -> Any:
+    """A 1-element tensor hyperparameter becomes 0-d, as torch does before its arithmetic."""
+    if isinstance(value, Tensor) and value.dim() != 0:
+        return value.squeeze()
+    return value
+
+
+def resolve_impl(impl: str | None, foreach: bool | None, fused: bool | None) -> str:
+    """Map ``impl=`` and torch's ``foreach=``/``fused=`` flags onto one strategy name."""
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"Invalid impl value: {impl!r}; impl must be one of {', '.join(IMPLS)}")
+    implied = "fused" if fused else "foreach" if foreach else None
+    if impl is None:
+        return implied or "loop"
+    if implied is not None and implied != impl:
+        raise ValueError(
+            f"impl={impl!r} contradicts {'fused' if fused else 'foreach'}=True; pass one or the other"
+        )
+    return impl
+
+
+class ScratchOptimizer(Optimizer):
+    """A :class:`torch.optim.Optimizer` whose subclasses define only the math of one algorithm."""
+
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
+    sparse_error: ClassVar[str | None] = None
+    update: ClassVar[Callable[..., None]]
+
+    def __init__(self, params: Any, defaults: dict[str, Any], impl: str | None = None) -> None:
+        super().__init__(params, defaults)
+        if defaults.get("fused"):
+            if defaults.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        self.impl = resolve_impl(impl, defaults.get("foreach"), defaults.get("fused"))
+        if self.impl not in strategies.AVAILABLE:
+            raise NotImplementedError(
+                f"impl={self.impl!r} is not implemented yet; available: {', '.join(strategies.AVAILABLE)}"
+            )
+
+    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of ``update`` that come from the param group."""
+        raise NotImplementedError
+
+    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """The state of a parameter at its first step, keyed as torch keys it."""
+        raise NotImplementedError
+
+    def _prepare(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """Initialise state lazily, count the step, return the per-parameter arguments of ``update``.
+
+        Values returned as 0-d tensors are converted by the strategy (a Python number in the loop, as
+        torch does; a tensor where a compiled kernel must not specialise on them).
+        """
+        state = self.state[param]
+        if len(state) == 0:
+            state.update(self._init_state(param, group))
+        if "step" not in state:
+            return {}
+        state["step"] += 1
+        return {"step": state["step"]}
+
+    def _check_grad(self, param: Tensor) -> None:
+        if param.grad.is_sparse and self.sparse_error is not None:
+            raise RuntimeError(self.sparse_error)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step; with a closure, re-evaluate the loss first and return it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        differentiable = bool(self.defaults.get("differentiable", False))
+        with torch.set_grad_enabled(differentiable):
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                for p in params:
+                    self._check_grad(p)
+                if params:
+                    strategies.run(self.impl, self, group, params)
+        return loss

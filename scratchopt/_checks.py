@@ -1,0 +1,46 @@
+"""Hyperparameter validation with torch's exception types and message prefixes.
+
+Each message starts as torch's does (so code matching torch's errors keeps working) and then names the
+argument and the range it must lie in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+
+def require(ok: Any, what: str, value: Any, allowed: str) -> None:
+    """Raise ``ValueError("Invalid {what}: {value} (allowed: {allowed})")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"Invalid {what}: {value} (allowed: {allowed})")
+
+
+def check_tensor_hyperparameter(value: Any, name: str, *, foreach: bool | None, capturable: bool) -> None:
+    """A tensor hyperparameter must have one element, and torch's foreach path refuses it."""
+    if not isinstance(value, Tensor):
+        return
+    if foreach and not capturable:
+        raise ValueError(f"{name} as a Tensor is not supported for capturable=False and foreach=True")
+    if value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element")
+
+
+def check_lr(lr: Any) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    require(0.0 <= lr, "learning rate", lr, "lr >= 0")
+
+
+def check_nonnegative(value: Any, name: str) -> None:
+    require(0.0 <= value, f"{name} value", value, f"{name} >= 0")
+
+
+def check_eps(eps: Any) -> None:
+    require(0.0 <= eps, "epsilon value", eps, "eps >= 0")
+
+
+def check_betas(betas: tuple[Any, Any]) -> None:
+    for index, beta in enumerate(betas):
+        require(0.0 <= beta < 1.0, f"beta parameter at index {index}", beta, f"0 <= betas[{index}] < 1")

@@ -1,0 +1,139 @@
+"""Shared machinery for comparing a scratchopt optimizer with its torch.optim twin, step by step."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.testing._internal.common_optimizers import optim_db
+
+import scratchopt
+
+#: Every torch.optim twin scratchopt implements, by class name.
+ALGORITHMS = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam"]
+#: Algorithms whose torch class accepts sparse gradients.
+SPARSE_ALGORITHMS = {"SGD", "Adagrad"}
+
+_OPTIM_DB = {info.optim_cls.__name__: info for info in optim_db}
+
+
+def implemented() -> list[str]:
+    return [name for name in ALGORITHMS if hasattr(scratchopt, name)]
+
+
+def optim_db_info(name: str) -> Any:
+    return _OPTIM_DB[name]
+
+
+def optim_db_configs(name: str, dtype: torch.dtype = torch.float32) -> list[tuple[str, dict[str, Any]]]:
+    """torch's own test configurations for the algorithm on the CPU, plus a tensor lr for every one."""
+    info = _OPTIM_DB[name]
+    configs = [(inp.desc, dict(inp.kwargs)) for inp in info.optim_inputs_func(device="cpu", dtype=dtype)]
+    if not any(isinstance(kwargs.get("lr"), torch.Tensor) for _, kwargs in configs):
+        configs.append(("tensor lr", {"lr": torch.tensor(0.01)}))
+    if name in ("Adam", "AdamW"):
+        configs.append(("tensor betas", {"betas": (torch.tensor(0.8), torch.tensor(0.95)), "amsgrad": True}))
+    return configs
+
+
+def cpu_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop the flags that pick torch's implementation: torch runs its for-loop, ours runs ``impl``."""
+    return {k: v for k, v in kwargs.items() if k not in ("foreach", "fused", "capturable", "differentiable")}
+
+
+def hard_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """The hard parameter set: a matrix, a 0-d param, a non-contiguous view, a bias, a frozen param.
+
+    The bias (index 3) gets no gradient on some steps; the frozen param (index 4) never gets one.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
+        if dtype.is_complex:
+            return torch.complex(torch.randn(shape, generator=gen, dtype=real_dtype),
+                                 torch.randn(shape, generator=gen, dtype=real_dtype))
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    matrix = rand(5, 4)
+    scalar = rand()
+    non_contiguous = rand(6, 3).t()
+    bias = rand(4)
+    frozen = rand(3)
+    params = [matrix, scalar, non_contiguous, bias, frozen]
+    params = [p.detach().requires_grad_(i != 4) for i, p in enumerate(params)]
+    assert not params[2].is_contiguous()
+    return params
+
+
+def hard_groups(params: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """Two groups; the second overrides lr and weight_decay."""
+    return [{"params": params[:3]}, {"params": params[3:], "lr": 0.0123, "weight_decay": 0.05}]
+
+
+def gradients(params: list[torch.Tensor], step: int, seed: int = 1) -> list[torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    grads: list[torch.Tensor | None] = []
+    for index, p in enumerate(params):
+        if not p.requires_grad or (index == 3 and step % 3 == 1):
+            grads.append(None)
+            continue
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if p.is_complex():
+            noise = torch.complex(noise, torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        grads.append(_like(noise.to(p.dtype) + 0.1 * p.detach(), p))
+    return grads
+
+
+def _like(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A gradient laid out like the param (autograd gives a non-contiguous param a matching grad)."""
+    out = torch.empty_like(p, memory_format=torch.preserve_format)
+    out.copy_(values)
+    return out
+
+
+def assert_same(actual: Any, expected: Any, what: str, *, exact: bool = True, atol: float = 0, rtol: float = 0) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual)}"
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+        assert actual.device == expected.device, f"{what}: device {actual.device} != {expected.device}"
+        if exact:
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+        else:
+            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    else:
+        assert actual == expected, f"{what}: {actual!r} != {expected!r}"
+
+
+def assert_optimizers_equal(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer,
+                            ours_params: list[torch.Tensor], their_params: list[torch.Tensor],
+                            what: str, **tolerance: Any) -> None:
+    for index, (a, b) in enumerate(zip(ours_params, their_params)):
+        assert_same(a.detach(), b.detach(), f"{what}: param {index}", **tolerance)
+        state_a, state_b = ours.state.get(a, {}), theirs.state.get(b, {})
+        assert set(state_a) == set(state_b), f"{what}: param {index} state keys {set(state_a)} != {set(state_b)}"
+        for key in state_b:
+            assert_same(state_a[key], state_b[key], f"{what}: param {index} state[{key!r}]", **tolerance)
+
+
+def run_side_by_side(name: str, kwargs: dict[str, Any], dtype: torch.dtype, steps: int = 10,
+                     make_params: Callable[[torch.dtype], list[torch.Tensor]] = hard_params,
+                     ours_kwargs: dict[str, Any] | None = None, check_every_step: bool = True,
+                     **tolerance: Any) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
+    """Run ours and torch's for-loop on identical params and gradients; compare after every step."""
+    theirs_params = make_params(dtype)
+    ours_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in theirs_params]
+    theirs = getattr(torch.optim, name)(hard_groups(theirs_params), **cpu_kwargs(copy.deepcopy(kwargs)), foreach=False)
+    ours = getattr(scratchopt, name)(hard_groups(ours_params), **cpu_kwargs(copy.deepcopy(kwargs)), **(ours_kwargs or {}))
+    for step in range(steps):
+        for p_ours, p_theirs, grad in zip(ours_params, theirs_params, gradients(theirs_params, step)):
+            p_theirs.grad = None if grad is None else grad.clone()
+            p_ours.grad = None if grad is None else _like(grad, p_ours)
+        theirs.step()
+        ours.step()
+        if check_every_step or step == steps - 1:
+            assert_optimizers_equal(ours, theirs, ours_params, theirs_params, f"{name} step {step}", **tolerance)
+    return ours, theirs, ours_params, theirs_params
