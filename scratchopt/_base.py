@@ -77,6 +77,10 @@ class ScratchOptimizer(Optimizer):
                 raise RuntimeError("`fused` does not support `differentiable`")
             if defaults.get("foreach"):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if defaults.get("differentiable"):
+            # torch's differentiable path detaches and clones in algorithm-specific places; running our
+            # update under autograd would give gradients that differ from torch's, so we refuse it.
+            raise NotImplementedError("differentiable=True is not supported by scratchopt; use torch.optim")
         self.impl = resolve_impl(impl, defaults.get("foreach"), defaults.get("fused"))
         if self.impl not in strategies.AVAILABLE:
             raise NotImplementedError(
@@ -115,8 +119,7 @@ class ScratchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        differentiable = bool(self.defaults.get("differentiable", False))
-        with torch.set_grad_enabled(differentiable):
+        with torch.no_grad():
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 for p in params:

@@ -241,6 +241,8 @@ def test_impl_choice_and_contradictions():
         scratchopt.Adam(p, foreach=True, fused=True)
     with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
         scratchopt.SGD(p, fused=True, differentiable=True)
+    with pytest.raises(NotImplementedError, match="differentiable=True is not supported"):
+        scratchopt.SGD(p, differentiable=True)
 
 
 def test_sparse_gradients_sgd_matches_torch():
