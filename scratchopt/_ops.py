@@ -27,3 +27,13 @@ def as_real(*tensors: Any) -> tuple[Any, ...]:
     the rounding of the weight-decay term depends on whether it is computed in complex or real arithmetic.
     """
     return tuple(torch.view_as_real(t) if isinstance(t, Tensor) and torch.is_complex(t) else t for t in tensors)
+
+
+def get_value(value: Any) -> Any:
+    """A 0-d tensor read as a Python number (``.item()``), as torch's ``_get_value`` reads ``step`` or
+    NAdam's ``mu_product`` outside ``torch.compile``; anything else is returned unchanged.
+
+    Use it where torch turns a state tensor into a Python scalar before doing scalar arithmetic with it:
+    the arithmetic is then done in Python float64, not in the tensor's dtype.
+    """
+    return value.item() if isinstance(value, Tensor) else value

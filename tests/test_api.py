@@ -102,6 +102,24 @@ def _clone_params(params):
     return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
 
 
+def _resume(first, second, name, kwargs):
+    """4 steps in ``first``, state_dict loaded into ``second``, 4 more steps there."""
+    params = hard_params(torch.float64)
+    before = _build(first, name, params, kwargs)
+    _run(before, params, range(4))
+    resumed_params = _clone_params(params)
+    after = _build(second, name, resumed_params, kwargs)
+    after.load_state_dict(copy.deepcopy(before.state_dict()))
+    _run(after, resumed_params, range(4, 8))
+    return after, resumed_params
+
+
+#: torch's load_state_dict casts every state tensor but ``step`` to the param's dtype, so NAdam's float32
+#: ``mu_product`` becomes float64 and even a torch-to-torch resumption drifts from the uninterrupted run
+#: (pytorch/pytorch#75224). There we require equality with torch's own resumed run.
+RESUMPTION_CHANGES_TORCH = {"NAdam"}
+
+
 @pytest.mark.parametrize("first,second", [(torch.optim, scratchopt), (scratchopt, torch.optim)],
                          ids=["torch-to-ours", "ours-to-torch"])
 @pytest.mark.parametrize("name,desc,kwargs", _state_dict_cases())
@@ -110,14 +128,10 @@ def test_state_dict_round_trip_with_torch(first, second, name, desc, kwargs):
     reference_params = hard_params(torch.float64)
     reference = _build(torch.optim, name, reference_params, kwargs)
     _run(reference, reference_params, range(8))
+    if name in RESUMPTION_CHANGES_TORCH:
+        reference, reference_params = _resume(torch.optim, torch.optim, name, kwargs)
 
-    params = hard_params(torch.float64)
-    before = _build(first, name, params, kwargs)
-    _run(before, params, range(4))
-    resumed_params = _clone_params(params)
-    after = _build(second, name, resumed_params, kwargs)
-    after.load_state_dict(copy.deepcopy(before.state_dict()))
-    _run(after, resumed_params, range(4, 8))
+    after, resumed_params = _resume(first, second, name, kwargs)
     assert_optimizers_equal(after, reference, resumed_params, reference_params, f"{name} resumed")
     if second is scratchopt:
         for p in resumed_params:
