@@ -70,7 +70,7 @@ def hard_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
 
 def hard_groups(params: list[torch.Tensor]) -> list[dict[str, Any]]:
     """Two groups; the second overrides lr and weight_decay."""
-    return [{"params": params[:3]}, {"params": params[3:], "lr": 0.0123, "weight_decay": 0.05}]
+    return [{"params": params[:3]}, {"params": params[3:], "lr": 0.37, "weight_decay": 0.05}]
 
 
 def gradients(params: list[torch.Tensor], step: int, seed: int = 1) -> list[torch.Tensor | None]:
