@@ -66,6 +66,12 @@ class ScratchOptimizer(Optimizer):
     """A :class:`torch.optim.Optimizer` whose subclasses define only the math of one algorithm."""
 
     state_keys: ClassVar[tuple[str, ...]] = ()
+    #: Group keys whose values ``update`` takes by the same name (``betas`` arrives as beta1, beta2).
+    hyperparameter_keys: ClassVar[tuple[str, ...]] = ()
+    #: Group keys torch fills in when it loads a state_dict saved by an older version (``__setstate__``).
+    group_defaults: ClassVar[dict[str, Any]] = {}
+    #: 0-d state tensors an older version saved as Python numbers.
+    scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
     update: ClassVar[Callable[..., None]]
@@ -87,9 +93,30 @@ class ScratchOptimizer(Optimizer):
                 f"impl={self.impl!r} is not implemented yet; available: {', '.join(strategies.AVAILABLE)}"
             )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.group_defaults.items():
+                group.setdefault(key, value)
+            for param in group["params"]:
+                param_state = self.state.get(param, {})
+                for key in self.scalar_state_keys:
+                    if key in param_state and not torch.is_tensor(param_state[key]):
+                        param_state[key] = new_step_counter(param, group).fill_(float(param_state[key]))
+
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments of ``update`` that come from the param group."""
-        raise NotImplementedError
+        """Keyword arguments of ``update`` that come from the param group, read afresh at every step.
+
+        A 1-element tensor hyperparameter is squeezed to 0-d and otherwise passed as it is (not as a
+        Python number), because torch's arithmetic with it happens in the tensor's dtype.
+        """
+        values: dict[str, Any] = {}
+        for key in self.hyperparameter_keys:
+            if key == "betas":
+                values["beta1"], values["beta2"] = (squeeze_scalar(beta) for beta in group["betas"])
+            else:
+                values[key] = squeeze_scalar(group[key])
+        return values
 
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The state of a parameter at its first step, keyed as torch keys it."""

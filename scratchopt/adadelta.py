@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, squeeze_scalar
+from scratchopt._base import ScratchOptimizer, new_step_counter
 from scratchopt._checks import check_eps, check_lr, check_nonnegative, require
 from scratchopt._ops import as_real, zeros_like
 
@@ -73,6 +73,8 @@ def update(
 class Adadelta(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("square_avg", "acc_delta")
+    hyperparameter_keys = ("lr", "rho", "eps", "weight_decay", "maximize")
+    group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     sparse_error = "Adadelta does not support sparse gradients"
     update = staticmethod(update)
 
@@ -106,26 +108,9 @@ class Adadelta(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": new_step_counter(param, group),
             "square_avg": zeros_like(param),
             "acc_delta": zeros_like(param),
-        }
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": squeeze_scalar(group["lr"]),
-            "rho": group["rho"],
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "maximize": group["maximize"],
         }

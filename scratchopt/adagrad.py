@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, squeeze_scalar
+from scratchopt._base import ScratchOptimizer, new_step_counter
 from scratchopt._checks import check_eps, check_lr, check_nonnegative
 from scratchopt._ops import as_real
 
@@ -89,6 +89,8 @@ def update(
 class Adagrad(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("sum",)
+    hyperparameter_keys = ("lr", "lr_decay", "weight_decay", "eps", "maximize")
+    group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
     update = staticmethod(update)
 
     def __init__(
@@ -128,14 +130,6 @@ class Adagrad(ScratchOptimizer):
             for param in group["params"]:
                 self.state[param].update(self._init_state(param, group))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-
     def share_memory(self) -> None:
         """Calls ``tensor.share_memory_()`` on the state ``sum`` tensors, as torch's Adagrad does."""
         for group in self.param_groups:
@@ -148,13 +142,4 @@ class Adagrad(ScratchOptimizer):
         return {
             "step": new_step_counter(param, group),
             "sum": torch.full_like(param, init_value, memory_format=torch.preserve_format),
-        }
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": squeeze_scalar(group["lr"]),
-            "lr_decay": group["lr_decay"],
-            "weight_decay": group["weight_decay"],
-            "eps": group["eps"],
-            "maximize": group["maximize"],
         }

@@ -79,6 +79,8 @@ def update(
 class Adam(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+    group_defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "decoupled_weight_decay": False, "fused": None}
     sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
     update = staticmethod(update)
 
@@ -125,32 +127,8 @@ class Adam(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("fused", None)
-
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = {"step": new_step_counter(param, group), "exp_avg": zeros_like(param), "exp_avg_sq": zeros_like(param)}
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = zeros_like(param)
         return state
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return {
-            "lr": squeeze_scalar(group["lr"]),
-            "beta1": squeeze_scalar(beta1),
-            "beta2": squeeze_scalar(beta2),
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "amsgrad": group["amsgrad"],
-            "maximize": group["maximize"],
-            "decoupled_weight_decay": group["decoupled_weight_decay"],
-        }

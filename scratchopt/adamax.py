@@ -32,10 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, squeeze_scalar
+from scratchopt._base import ScratchOptimizer, new_step_counter
 from scratchopt._checks import check_betas, check_eps, check_lr, check_nonnegative
 from scratchopt._ops import as_real, zeros_like
 
@@ -68,6 +67,8 @@ def update(
 class Adamax(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_inf")
+    hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "maximize")
+    group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     sparse_error = "Adamax does not support sparse gradients"
     update = staticmethod(update)
 
@@ -101,28 +102,5 @@ class Adamax(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step_counter(p, group).fill_(float(p_state["step"]))
-
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"step": new_step_counter(param, group), "exp_avg": zeros_like(param), "exp_inf": zeros_like(param)}
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return {
-            "lr": squeeze_scalar(group["lr"]),
-            "beta1": beta1,
-            "beta2": beta2,
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "maximize": group["maximize"],
-        }

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, scalar_dtype, squeeze_scalar
+from scratchopt._base import ScratchOptimizer, new_step_counter, scalar_dtype
 from scratchopt._checks import check_betas, check_eps, check_lr, check_nonnegative
 from scratchopt._ops import as_real, get_value, zeros_like
 
@@ -101,6 +101,9 @@ def update(
 class NAdam(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq")
+    hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
+    group_defaults = {"maximize": False, "foreach": None, "capturable": False, "differentiable": False, "decoupled_weight_decay": False}
+    scalar_state_keys = ("step", "mu_product")
     sparse_error = "NAdam does not support sparse gradients"
     update = staticmethod(update)
 
@@ -139,22 +142,6 @@ class NAdam(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0:
-                    if not torch.is_tensor(p_state["step"]):
-                        p_state["step"] = new_step_counter(p, group).fill_(float(p_state["step"]))
-                    if not torch.is_tensor(p_state["mu_product"]):
-                        p_state["mu_product"] = new_step_counter(p, group).fill_(p_state["mu_product"])
-
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         # mu_product lives where step lives: on the CPU unless capturable.
         mu_product = (
@@ -176,16 +163,3 @@ class NAdam(ScratchOptimizer):
         mu = momentum_cache(group["betas"][0], get_value(prepared["step"]), group["momentum_decay"])  # μₜ
         mu_product.mul_(mu)  # Πₜ ← Πₜ₋₁·μₜ
         return {**prepared, "mu_product": mu_product}
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return {
-            "lr": squeeze_scalar(group["lr"]),
-            "beta1": beta1,
-            "beta2": beta2,
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "momentum_decay": group["momentum_decay"],
-            "decoupled_weight_decay": group["decoupled_weight_decay"],
-            "maximize": group["maximize"],
-        }

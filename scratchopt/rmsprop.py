@@ -43,7 +43,7 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, squeeze_scalar
+from scratchopt._base import ScratchOptimizer, new_step_counter
 from scratchopt._checks import check_eps, check_lr, check_nonnegative
 from scratchopt._ops import as_real, zeros_like
 
@@ -87,6 +87,8 @@ def update(
 class RMSprop(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("square_avg", "momentum_buffer", "grad_avg")
+    hyperparameter_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+    group_defaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     sparse_error = "RMSprop does not support sparse gradients"
     update = staticmethod(update)
 
@@ -125,16 +127,6 @@ class RMSprop(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = {"step": new_step_counter(param, group), "square_avg": zeros_like(param)}
         if group["momentum"] > 0:
@@ -142,14 +134,3 @@ class RMSprop(ScratchOptimizer):
         if group["centered"]:
             state["grad_avg"] = zeros_like(param)
         return state
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": squeeze_scalar(group["lr"]),
-            "alpha": group["alpha"],
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "momentum": group["momentum"],
-            "centered": group["centered"],
-            "maximize": group["maximize"],
-        }

@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, squeeze_scalar
+from scratchopt._base import ScratchOptimizer
 from scratchopt._checks import check_lr, check_nonnegative
 from scratchopt._ops import zeros_like
 
@@ -72,6 +72,8 @@ def update(
 class SGD(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("momentum_buffer",)
+    hyperparameter_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    group_defaults = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
     update = staticmethod(update)
 
     def __init__(
@@ -110,15 +112,6 @@ class SGD(ScratchOptimizer):
             )
         super().__init__(params, defaults, impl)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
-
     def _prepare(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         # torch keeps no state at all without momentum, and none before the buffer's first step.
         if group["momentum"] == 0:
@@ -128,13 +121,3 @@ class SGD(ScratchOptimizer):
         if is_new:
             state["momentum_buffer"] = zeros_like(param)
         return {"momentum_buffer_is_new": is_new}
-
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": squeeze_scalar(group["lr"]),
-            "momentum": group["momentum"],
-            "dampening": group["dampening"],
-            "weight_decay": group["weight_decay"],
-            "nesterov": group["nesterov"],
-            "maximize": group["maximize"],
-        }
