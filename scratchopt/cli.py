@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import argparse
 
+from scratchopt.report.presets import PRESETS
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="scratchopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a small MLP with every algorithm, ours beside torch's")
     demo.add_argument("--steps", type=int, default=100, help="full-batch training steps (default 100)")
+    report = commands.add_parser("report", help="write an HTML report (figures, tables, results.json) to --out")
+    report.add_argument("--out", default="report", help="output folder (default: report)")
+    report.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                        help="full (default; a few minutes) or quick (well under a minute, for tests)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from scratchopt.demo import main as demo_main
 
         demo_main(steps=args.steps)
+    elif args.command == "report":
+        from scratchopt.report.build import build_report
+
+        results = build_report(args.out, preset=args.preset)
+        print(f"wrote {args.out}/index.html and {args.out}/results.json "
+              f"in {results['meta']['build_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

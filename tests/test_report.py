@@ -1,0 +1,91 @@
+"""`scratchopt report` builds on the quick preset: every figure exists, every number is finite, and the
+page is exactly what results.json renders to."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scratchopt.report.build import SECTIONS, build_report, render_page
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    build_report(out, preset="quick", show_progress=False)
+    return out
+
+
+def numbers(value: Any, path: str = "$") -> list[tuple[str, float]]:
+    """Every number in a JSON value, with where it sits."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in numbers(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in numbers(item, f"{path}[{index}]")]
+    return []
+
+
+def test_every_number_in_results_json_is_finite(report: Path) -> None:
+    # parse_constant sees NaN and Infinity, which json.loads would otherwise turn into floats silently
+    results = json.loads(
+        (report / "results.json").read_text(encoding="utf-8"),
+        parse_constant=lambda name: pytest.fail(f"results.json holds {name}"),
+    )
+    found = numbers(results)
+    assert len(found) > 1000
+    assert [(path, value) for path, value in found if not math.isfinite(value)] == []
+
+
+def test_every_figure_file_exists(report: Path) -> None:
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
+    page = (report / "index.html").read_text(encoding="utf-8")
+    shown = set(re.findall(r'<img src="([^"]+)"', page))
+    assert shown, "the page shows no figure"
+    assert shown <= set(results["figures"]), "the page shows a figure results.json does not list"
+    for relative in results["figures"]:
+        path = report / relative
+        assert path.is_file() and path.stat().st_size > 10_000, relative
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", relative
+
+
+def test_page_is_rendered_from_results_json_alone(report: Path) -> None:
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
+    assert render_page(results) == (report / "index.html").read_text(encoding="utf-8")
+
+
+def test_page_has_every_section_and_a_table_of_contents(report: Path) -> None:
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert '<nav class="toc">' in page
+    for module in SECTIONS:
+        assert f'<section id="{module.ANCHOR}">' in page
+        assert f'href="#{module.ANCHOR}"' in page
+
+
+def test_every_seed_comparison_has_a_verdict(report: Path) -> None:
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
+    records = [record for module in SECTIONS for record in results["sections"][module.ANCHOR]["seed_comparisons"]]
+    assert len(records) > 30
+    for record in records:
+        assert record["verdict"] in ("matches", "differs"), record
+        assert record["seed_printed"] and record["measured_printed"] and record["rule"], record
+
+
+def test_toy_function_reproduces_the_seed_step_counts_it_can(report: Path) -> None:
+    """The seed's step counts that reproduce, as a regression guard (momentum from −8 does not: see the page)."""
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
+    counts = {run["key"]: run["seed_count"] for run in results["sections"]["toy"]["runs"]}
+    assert counts["gd_from_-8"] == 16
+    assert counts["gd_from_+8"] == "did not converge"
+    assert counts["momentum_from_+8"] == 216
+    assert counts.get("lookahead_from_-8", 34) == 34
+    assert counts.get("lookahead_from_+8", 27) == 27
+    assert counts["torch_nesterov_from_+8"] == 27
