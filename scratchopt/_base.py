@@ -74,6 +74,10 @@ class ScratchOptimizer(Optimizer):
     scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
+    #: True when ``update`` treats every element independently (no reductions, no per-tensor shapes), so
+    #: that it may run on a list of tensors, on one flat buffer per group or in a compiled kernel. False
+    #: (the safe default) makes every ``impl`` run the per-tensor loop.
+    elementwise: ClassVar[bool] = False
     update: ClassVar[Callable[..., None]]
 
     def __init__(self, params: Any, defaults: dict[str, Any], impl: str | None = None) -> None:
@@ -148,9 +152,12 @@ class ScratchOptimizer(Optimizer):
                 loss = closure()
         with torch.no_grad():
             for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                for p in params:
-                    self._check_grad(p)
-                if params:
-                    strategies.run(self.impl, self, group, params)
+                # The strategy picks the params with a gradient (and checks them) itself: the flat ones
+                # can tell that from their buffers without a Python call per parameter.
+                strategies.run(self.impl, self, group)
         return loss
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["impl"] = self.impl
+        return state

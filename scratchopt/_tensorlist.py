@@ -38,7 +38,7 @@ class RaggedBranch(Exception):
 
 def _binary(op: Callable[[Any, Any], Any], reverse: bool = False) -> Callable[[ScalarList, Any], Any]:
     def method(self: ScalarList, other: Any) -> Any:
-        if isinstance(other, (TensorList, _EmptyLike)):
+        if not isinstance(other, (ScalarList, int, float, complex, bool, Tensor)):
             return NotImplemented
         if isinstance(other, ScalarList):
             pairs = zip(other.values, self.values) if reverse else zip(self.values, other.values)
@@ -150,20 +150,6 @@ def _as_foreach_scalar(value: Any) -> Any:
     return value
 
 
-def _has_tensor_scalars(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return True
-    return isinstance(value, ScalarList) and any(isinstance(v, Tensor) for v in value.values)
-
-
-class _EmptyLike:
-    """Marker base shared with the recording types: arithmetic with them is theirs to answer."""
-
-
-def _is_list_arg(value: Any) -> bool:
-    return isinstance(value, (TensorList, ScalarList))
-
-
 class TensorList:
     """Tensors of one device and dtype, operated on together through ``torch._foreach_*``."""
 
@@ -240,8 +226,11 @@ class TensorList:
         if not self.tensors:
             return self if name.endswith("_") else self._new([])
         foreach = _FOREACH.get(name)
-        if foreach is not None and not any(_has_tensor_scalars(kwargs.get(k)) and isinstance(kwargs.get(k), ScalarList)
-                                           for k in _SCALAR_KEYWORDS):
+        if foreach is not None and self.dtype in _REDUCED and _has_scalar(args, kwargs):
+            # torch's CPU foreach ops round a Python scalar for 16-bit floats differently from the
+            # single-tensor op (``_foreach_mul_(l, 0.9)`` ≠ ``t.mul_(0.9)`` in bfloat16): run per tensor.
+            foreach = None
+        if foreach is not None:
             converted_args = []
             ok = True
             for a in args:
@@ -296,12 +285,12 @@ class TensorList:
         return self._call("mul_", other)
 
     def add_(self, other: Any, *, alpha: Any = 1) -> TensorList:
-        if alpha is 1 or (not isinstance(alpha, (Tensor, ScalarList)) and alpha == 1 and type(alpha) is int):
+        if _is_default_one(alpha):
             return self._call("add_", other)
         return self._call("add_", other, alpha=alpha)
 
     def add(self, other: Any, *, alpha: Any = 1) -> TensorList:
-        if alpha is 1:
+        if _is_default_one(alpha):
             return self._call("add", other)
         return self._call("add", other, alpha=alpha)
 
@@ -372,10 +361,6 @@ class TensorList:
     def __itruediv__(self, other: Any) -> TensorList:
         return self._call("div_", other)
 
-    for _name in ("__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__and__", "__or__", "__xor__",
-                  "__invert__", "__mod__", "__floordiv__"):
-        locals()[_name] = (lambda n: lambda self, *a: self._per_tensor(n, a, {}))(_name)
-    del _name
     __hash__ = object.__hash__
 
     # ----- free functions: torch.maximum(a, b), torch.sqrt(a, out=...) … run tensor by tensor --------
@@ -407,7 +392,26 @@ class TensorList:
         return ScalarList(results)
 
 
+def _per_tensor_operator(name: str) -> Callable[..., Any]:
+    return lambda self, *args: self._per_tensor(name, args, {})
+
+
+for _name in ("__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__and__", "__or__", "__xor__",
+              "__invert__", "__mod__", "__floordiv__"):
+    setattr(TensorList, _name, _per_tensor_operator(_name))
+del _name
+
 _NO_OVERLOAD = object()
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _has_scalar(args: tuple, kwargs: dict[str, Any]) -> bool:
+    values = list(args) + [v for k, v in kwargs.items() if not (k in _SCALAR_KEYWORDS and _is_default_one(v))]
+    return any(not isinstance(v, TensorList) for v in values)
+
+
+def _is_default_one(alpha: Any) -> bool:
+    return type(alpha) is int and alpha == 1
 
 
 def _foreach_table() -> dict[str, Callable[..., Any]]:

@@ -77,6 +77,7 @@ class Adadelta(ScratchOptimizer):
     group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     sparse_error = "Adadelta does not support sparse gradients"
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,

@@ -92,6 +92,7 @@ class Adagrad(ScratchOptimizer):
     hyperparameter_keys = ("lr", "lr_decay", "weight_decay", "eps", "maximize")
     group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,

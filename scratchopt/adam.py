@@ -83,6 +83,7 @@ class Adam(ScratchOptimizer):
     group_defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "decoupled_weight_decay": False, "fused": None}
     sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,

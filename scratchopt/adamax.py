@@ -71,6 +71,7 @@ class Adamax(ScratchOptimizer):
     group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     sparse_error = "Adamax does not support sparse gradients"
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,

@@ -16,8 +16,16 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--out", default="report", help="output folder (default: report)")
     report.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="full (default; a few minutes) or quick (well under a minute, for tests)")
+    bench = commands.add_parser("bench", help="median optimizer-step times: every strategy beside torch.optim")
+    from scratchopt.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "bench":
+        from scratchopt.bench import main as bench_main
+
+        bench_main(args)
+    elif args.command == "demo":
         from scratchopt.demo import main as demo_main
 
         demo_main(steps=args.steps)

@@ -106,6 +106,7 @@ class NAdam(ScratchOptimizer):
     scalar_state_keys = ("step", "mu_product")
     sparse_error = "NAdam does not support sparse gradients"
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,

@@ -96,6 +96,7 @@ class RAdam(ScratchOptimizer):
     group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "decoupled_weight_decay": False, "capturable": False}
     sparse_error = "RAdam does not support sparse gradients"
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,

@@ -91,6 +91,7 @@ class RMSprop(ScratchOptimizer):
     group_defaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     sparse_error = "RMSprop does not support sparse gradients"
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,

@@ -75,6 +75,7 @@ class SGD(ScratchOptimizer):
     hyperparameter_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     group_defaults = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
     update = staticmethod(update)
+    elementwise = True
 
     def __init__(
         self,
