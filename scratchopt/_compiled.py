@@ -200,11 +200,8 @@ class Program:
             else:
                 # A scalar is converted to the tensor's arithmetic type first, as ATen converts it.
                 opmath_name = dtype_name_of(_opmath(self.meta(receiver[1]).dtype), ref)
-
-                def scalar_ref(spec: Any) -> str:
-                    return f"{ref(spec)}.to({opmath_name})" if spec[0] == "s" else ref(spec)
-
-                rendered = [scalar_ref(a) for a in args] + [f"{k}={scalar_ref(v)}" for k, v in kwargs]
+                rendered = [_scalar_ref(a, ref, opmath_name) for a in args] + [
+                    f"{k}={_scalar_ref(v, ref, opmath_name)}" for k, v in kwargs]
                 call = f"{ref(receiver)}.{target}({', '.join(rendered)})"
             lines.append(f"    {call}" if out is None else f"    v{out} = {call}")
         lines.append("    return None")
@@ -254,6 +251,10 @@ class Program:
             slot = len(self.tape) - 1
             return f"fma({self_ref} - {end}, tape[{slot}].to({opmath_name}), {end})"
         return None
+
+
+def _scalar_ref(spec: Any, ref: Callable[[Any], str], opmath_name: str) -> str:
+    return f"{ref(spec)}.to({opmath_name})" if spec[0] == "s" else ref(spec)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

@@ -15,9 +15,12 @@ What users do, and what happens:
   or the user allocates fresh gradients; the next step copies them into the buffer and rebinds
   ``p.grad`` to the view (so the step after is zero-copy again). Semantics stay torch's: a parameter
   whose ``.grad`` is None is not updated.
-* Some parameters without a gradient on a step (frozen for a few steps): the step runs on the views of
-  those that have one, through the foreach machinery — the same ``update`` on a list of views — and
-  the buffer is used whole again once every parameter is back in step.
+* Some parameters without a gradient on a step: the step runs on the views of those that have one,
+  through the foreach machinery — the same ``update`` on a list of views — and the buffer is used whole
+  again once every parameter is back in step.
+* A parameter frozen with ``requires_grad_(False)``: it is kept out of the buffers (rebuilt when that
+  changes), so that the others still run as one buffer; if it gets a gradient anyway it is updated on its
+  own, like any parameter torch would update.
 * ``add_param_group``: the new group gets its own buffers at its first step.
 * ``load_state_dict``: torch replaces ``optimizer.state`` and the group dicts; the next step notices and
   rebuilds the buffers from the loaded state.
@@ -248,13 +251,22 @@ class Layout:
         self.group = group
         self.state_object = optimizer.state
         self.n_params = len(group["params"])
+        # A param that does not require grad (frozen) stays out of the buffers: it would keep the
+        # buffer from ever being updated whole. It is updated per tensor if it gets a gradient anyway.
+        self.outsiders = [p for p in group["params"] if not p.requires_grad]
         by_kind: dict[tuple, list[Tensor]] = {}
         for p in group["params"]:
-            by_kind.setdefault((p.device, p.dtype), []).append(p)
+            if p.requires_grad:
+                by_kind.setdefault((p.device, p.dtype), []).append(p)
         self.buffers = [Buffer(optimizer, params) for params in by_kind.values()]
         for buffer in self.buffers:
             buffer.check_synced(optimizer)
             buffer.refresh_counts()
+
+    def membership_changed(self) -> bool:
+        """A param was frozen or unfrozen (``requires_grad``) since the buffers were made."""
+        return any(p.requires_grad for p in self.outsiders) or any(
+            not p.requires_grad for buffer in self.buffers for p in buffer.params)
 
     def current(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> bool:
         return (self.group is group and self.state_object is optimizer.state

@@ -153,7 +153,7 @@ def _as_foreach_scalar(value: Any) -> Any:
 class TensorList:
     """Tensors of one device and dtype, operated on together through ``torch._foreach_*``."""
 
-    __slots__ = ("tensors", "dtype", "device")
+    __slots__ = ("device", "dtype", "tensors")
 
     def __init__(self, tensors: Iterable[Tensor], dtype: torch.dtype | None = None,
                  device: torch.device | None = None) -> None:

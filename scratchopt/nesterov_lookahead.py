@@ -124,9 +124,5 @@ class NesterovLookahead(ScratchOptimizer):
                     p.copy_(theta)  # exact restore of θ
         with torch.no_grad():
             for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                for p in params:
-                    self._check_grad(p)
-                if params:
-                    strategies.run(self.impl, self, group, params)
+                strategies.run(self.impl, self, group)
         return loss

@@ -9,20 +9,28 @@ in what they hand it:
 ``foreach``
     One call per bucket of parameters sharing a device, a dtype and every non-numeric per-parameter
     argument, on :class:`~scratchopt._tensorlist.TensorList` objects whose methods are
-    ``torch._foreach_*`` calls; per-parameter numbers that differ become a
+    ``torch._foreach_*`` calls; per-parameter numbers that differ (a param that skipped steps) become a
     :class:`~scratchopt._tensorlist.ScalarList`. Complex parameters and sparse gradients run per tensor.
-    Bit-exact with ``loop`` on the CPU (torch's CPU foreach ops run the same kernels tensor by tensor).
+    On the CPU bit-exact with ``loop`` (torch's CPU foreach ops run the single-tensor kernels).
 ``flat``
-    The parameters of a group live in one buffer per (device, dtype) (see :mod:`scratchopt._flat`);
-    ``update`` runs once on the whole buffer with Python scalars.
+    The parameters of a group live in one buffer per (device, dtype), gradients and state too (see
+    :mod:`scratchopt._flat`); ``update`` runs once on each whole buffer with Python scalars. Bit-exact
+    with ``loop`` on the CPU. Steps where only some params have a gradient run on their views through the
+    ``foreach`` machinery.
 ``compiled``
-    ``update`` recorded once per step and replayed by a ``torch.compile``-d kernel (see
-    :mod:`scratchopt._compiled`), called per parameter tensor (viewed as 1-d).
+    ``update`` is recorded once per step and replayed by a ``torch.compile``-d kernel (see
+    :mod:`scratchopt._compiled`), called per parameter tensor viewed as 1-d. Scheduled hyperparameters and
+    step-dependent scalars travel on a float64 tape, so they never recompile.
 ``fused``
-    ``flat`` + ``compiled``: one generated kernel per buffer. The fastest path; ``fused=True`` maps here.
+    ``flat`` + ``compiled``: one generated kernel per buffer — the fastest path; ``fused=True`` maps here.
 
-Only elementwise algorithms (``elementwise = True`` on the class) can be run on lists, buffers or
-compiled kernels. For the others every strategy runs the loop, which is correct by construction.
+``compiled`` and ``fused`` are within a few ulp of ``loop``, not bit-exact: the kernel reproduces ATen's
+operation order and FMAs, but ATen's float32 ``sqrt`` (Sleef, ≤ 0.5001 ulp) is not always the correctly
+rounded one Inductor emits. One-element tensors and complex buffers run the eager ``update`` (a 0-d
+tensor never reaches a compiled kernel: Inductor was seen to drop in-place updates of 0-d float64 inputs).
+
+Only elementwise algorithms (``elementwise = True`` on the class) can run on lists, buffers or compiled
+kernels. For the others every strategy runs the loop, which is correct by construction.
 """
 
 from __future__ import annotations
@@ -93,7 +101,7 @@ def run_loop(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
 
 
 class _Member:
-    __slots__ = ("param", "grad", "states", "values")
+    __slots__ = ("grad", "param", "states", "values")
 
     def __init__(self, param: Tensor, grad: Tensor, states: list[Tensor | None], values: dict[str, Any]) -> None:
         self.param, self.grad, self.states, self.values = param, grad, states, values
@@ -273,9 +281,9 @@ def _fast_step(optimizer: ScratchOptimizer, group: dict[str, Any], buffer: _flat
                hyperparameters: dict[str, Any], compiled: bool) -> None:
     """One update over the whole buffer (the caller checked ``buffer.fast_ready()``)."""
     first = buffer.params[0]
-    state = optimizer.state[first]
-    before = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    before = {k: v for k, v in optimizer.state.get(first, {}).items() if isinstance(v, Tensor)}
     values = optimizer._prepare(first, group)
+    state = optimizer.state.get(first, {})
     if state.keys() != before.keys() or any(state[k] is not v for k, v in before.items()):
         # _prepare created or replaced state tensors (a first step): give the other params theirs too.
         members = [first] + [p for p in buffer.params[1:]]
@@ -329,10 +337,13 @@ def _run_flat(optimizer: ScratchOptimizer, group: dict[str, Any], compiled: bool
     layout = _flat.layout_for(optimizer, group)
     hyperparameters = optimizer._hyperparameters(group)
     ready = [buffer.fast_ready() for buffer in layout.buffers]
-    if not all(ready):
-        if not all(buffer.params_still_ours() for buffer in layout.buffers):
+    outsiders = [p for p in layout.outsiders if p.grad is not None]
+    if outsiders or not all(ready):
+        if not all(buffer.params_still_ours() for buffer in layout.buffers) or layout.membership_changed():
+            # model.to(), or params frozen/unfrozen (requires_grad) since the buffers were made.
             layout = _flat.rebuild(optimizer, group)
             ready = [buffer.fast_ready() for buffer in layout.buffers]
+            outsiders = [p for p in layout.outsiders if p.grad is not None]
         # torch checks every gradient (sparse ones) before it updates anything.
         for p in group["params"]:
             if p.grad is not None:
@@ -342,6 +353,8 @@ def _run_flat(optimizer: ScratchOptimizer, group: dict[str, Any], compiled: bool
             _fast_step(optimizer, group, buffer, hyperparameters, compiled)
         else:
             _slow_step(optimizer, group, buffer, hyperparameters, compiled)
+    if outsiders:  # params kept out of the buffers (requires_grad=False) that have a gradient anyway
+        _foreach(optimizer, group, outsiders, hyperparameters)
 
 
 def run_flat(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
@@ -361,10 +374,10 @@ AVAILABLE = {
 }
 
 
-def run(impl: str, optimizer: ScratchOptimizer, group: dict[str, Any], params: Any = None) -> None:
+def run(impl: str, optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
     """Run one param group's update with the strategy named ``impl``.
 
-    Each strategy finds the params with a gradient itself (``params``, accepted for callers written for
-    an older signature, is ignored: the set is the same).
+    Each strategy finds (and checks) the params with a gradient itself: the flat ones can tell that from
+    their buffers without a Python call per parameter.
     """
     AVAILABLE[impl](optimizer, group)

@@ -22,11 +22,19 @@ import copy
 
 import pytest
 import torch
+from parity import (
+    _like,
+    cpu_kwargs,
+    gradients,
+    hard_groups,
+    hard_params,
+    implemented,
+    optim_db_configs,
+)
 from torch import nn
 
 import scratchopt
-from scratchopt import _compiled, strategies
-from parity import _like, cpu_kwargs, gradients, hard_groups, hard_params, implemented, optim_db_configs
+from scratchopt import _compiled
 
 ALGORITHMS = implemented()
 EXACT = ("foreach", "flat")
@@ -492,3 +500,21 @@ def test_non_elementwise_algorithms_run_the_loop(monkeypatch):
     for impl in ("foreach", "flat", "compiled", "fused"):
         _side_by_side("Adam", {}, torch.float32, impl, steps=3)
     assert seen == {torch.Tensor}
+
+
+def test_bench_command_writes_its_table(tmp_path, capsys):
+    """``scratchopt bench`` end to end on a toy size (the real run is a command, not a timed test)."""
+    from scratchopt.cli import main
+
+    main(["bench", "--preset", "quick", "--algorithms", "SGD+momentum", "--workloads", "mlp", "--mlp-layers", "3",
+          "--columns", "ours loop,ours flat,torch loop,torch fused", "--min-run-time", "0.001", "--rounds", "1",
+          "--no-warmup", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "SGD+momentum" in printed and "targets" in printed
+    for name in ("bench.csv", "bench.json", "bench.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    import json
+
+    results = json.loads((tmp_path / "bench.json").read_text())
+    row = results["rows"][0]
+    assert row["traffic_B_per_param"] == 20 and row["times_ms"]["ours flat"] > 0
