@@ -24,8 +24,6 @@ from torch.optim import Optimizer
 
 from scratchopt import strategies
 
-IMPLS: tuple[str, ...] = ("loop", "foreach", "compiled", "flat", "fused")
-
 
 def scalar_dtype(fused: bool | None = False) -> torch.dtype:
     """The dtype torch gives the ``step`` counter: float32, or float64 under a float64 default dtype."""
@@ -50,8 +48,8 @@ def squeeze_scalar(value: Any) -> Any:
 
 def resolve_impl(impl: str | None, foreach: bool | None, fused: bool | None) -> str:
     """Map ``impl=`` and torch's ``foreach=``/``fused=`` flags onto one strategy name."""
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"Invalid impl value: {impl!r}; impl must be one of {', '.join(IMPLS)}")
+    if impl is not None and impl not in strategies.NAMES:
+        raise ValueError(f"Invalid impl value: {impl!r}; impl must be one of {', '.join(strategies.NAMES)}")
     implied = "fused" if fused else "foreach" if foreach else None
     if impl is None:
         return implied or "loop"
@@ -92,13 +90,12 @@ class ScratchOptimizer(Optimizer):
             # update under autograd would give gradients that differ from torch's, so we refuse it.
             raise NotImplementedError("differentiable=True is not supported by scratchopt; use torch.optim")
         self.impl = resolve_impl(impl, defaults.get("foreach"), defaults.get("fused"))
-        if self.impl not in strategies.AVAILABLE:
-            raise NotImplementedError(
-                f"impl={self.impl!r} is not implemented yet; available: {', '.join(strategies.AVAILABLE)}"
-            )
+        # torch's load_state_dict replaces the state tensors: flat layouts are rebuilt from the new ones.
+        self.register_load_state_dict_post_hook(strategies.forget_layouts)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.register_load_state_dict_post_hook(strategies.forget_layouts)
         for group in self.param_groups:
             for key, value in self.group_defaults.items():
                 group.setdefault(key, value)
@@ -141,8 +138,38 @@ class ScratchOptimizer(Optimizer):
         return {"step": state["step"]}
 
     def _check_grad(self, param: Tensor) -> None:
+        """Raise torch's error for a gradient this algorithm refuses (sparse ones, unless it takes them)."""
         if param.grad.is_sparse and self.sparse_error is not None:
             raise RuntimeError(self.sparse_error)
+
+    def _check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Check the params a step will update, before it changes anything.
+
+        Besides the gradients, each state tensor must still have its parameter's dtype and device. After
+        ``model.to(dtype or device)`` it does not: torch's for-loop then fails halfway through a step (or,
+        for some algorithms and dtypes, silently mixes precisions); every scratchopt strategy raises here
+        instead, and ``optimizer.load_state_dict(optimizer.state_dict())`` casts the state like the params.
+        """
+        for index, param in enumerate(params):
+            self._check_grad(param)
+            state = self.state.get(param)
+            if not state:
+                continue
+            for key in self.state_keys:
+                value = state.get(key)
+                if isinstance(value, Tensor) and (value.dtype != param.dtype or value.device != param.device):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: state[{key!r}] of parameter {index} with a gradient is "
+                        f"{value.dtype} on {value.device}, but the parameter is {param.dtype} on "
+                        f"{param.device}; was the model moved with .to() after the first step? "
+                        "optimizer.load_state_dict(optimizer.state_dict()) casts the state like the parameters"
+                    )
+
+    def _apply_updates(self) -> None:
+        """Update every group with the strategy ``self.impl`` (under ``torch.no_grad()``)."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                strategies.run(self.impl, self, group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step; with a closure, re-evaluate the loss first and return it."""
@@ -150,11 +177,7 @@ class ScratchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            for group in self.param_groups:
-                # The strategy picks the params with a gradient (and checks them) itself: the flat ones
-                # can tell that from their buffers without a Python call per parameter.
-                strategies.run(self.impl, self, group)
+        self._apply_updates()
         return loss
 
     def __getstate__(self) -> dict[str, Any]:

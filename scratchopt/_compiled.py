@@ -241,15 +241,13 @@ class Program:
                 return f"fma({scaled}, {t2}, {self_ref})"
             return f"{self_ref} + {scaled} / {t2}"
         if base == "lerp" and len(args) == 2 and not kwargs and args[1][0] == "s" and args[0][0] == "r":
-            weight = self.tape[args[1][1]]
+            # Both of ATen's forms, chosen per element from the weight on the tape: the choice is data
+            # of the kernel, not a branch of its source (a kernel is shared by every weight).
+            weight = f"{ref(args[1])}.to({opmath_name})"
             end = ref(args[0])
-            if abs(_round_to(weight, opmath)) < 0.5:
-                return f"fma({ref(args[1])}.to({opmath_name}), {end} - {self_ref}, {self_ref})"
-            # 1 − w in the kernel's arithmetic precision, put on the tape next to w.
-            one_minus = float(torch.tensor(1.0, dtype=opmath) - torch.tensor(weight, dtype=torch.float64).to(opmath))
-            self.tape.append(one_minus)
-            slot = len(self.tape) - 1
-            return f"fma({self_ref} - {end}, tape[{slot}].to({opmath_name}), {end})"
+            small = f"fma({weight}, {end} - {self_ref}, {self_ref})"
+            large = f"fma({self_ref} - {end}, 1 - {weight}, {end})"
+            return f"torch.where({weight}.abs() < 0.5, {small}, {large})"
         return None
 
 
@@ -259,10 +257,6 @@ def _scalar_ref(spec: Any, ref: Callable[[Any], str], opmath_name: str) -> str:
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _round_to(value: float, dtype: torch.dtype) -> float:
-    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
 
 
 def dtype_name_of(dtype: torch.dtype, ref: Callable[[Any], str]) -> str:
@@ -438,3 +432,26 @@ def tape_tensor(program: Program, device: torch.device) -> Tensor:
 def clear_kernels() -> None:
     """Forget every compiled kernel (the benchmark uses it to time a cold compile)."""
     _KERNELS.clear()
+
+
+def run(update: Callable[..., None], tensors: Sequence[Tensor | None], scalars: dict[str, Any],
+        program: Program | None = None) -> Program | None:
+    """Run ``update`` on these 1-d tensors through its compiled kernel, recording it unless ``program``
+    (a recording of the same call with the same scalars) is given.
+
+    Returns the program, or None when the update cannot be compiled: nothing ran then, and the caller
+    runs it eagerly. A one-element tensor is left to the eager update too: Dynamo specialises a length
+    of 1 (a second kernel for no gain), and Inductor was seen to drop in-place updates of 0-d float64
+    inputs.
+    """
+    first = next(t for t in tensors if t is not None)
+    if first.numel() <= 1 or first.is_complex():
+        return None
+    if program is None:
+        try:
+            program = record(update, tensors, scalars)
+        except NotCompilable:
+            return None
+    kernel = kernel_for(program)
+    kernel(*[t for t in tensors if t is not None], tape_tensor(program, first.device))
+    return program

@@ -1,54 +1,55 @@
-"""Flat buffers for ``impl="flat"`` and ``impl="fused"``: one contiguous tensor per (device, dtype).
+"""Flat state for ``impl="flat"`` and ``impl="fused"``: the optimizer's state in one buffer per key.
 
-For each param group, the parameters of one device and dtype are copied into one 1-d buffer and each
-``Parameter`` is rebound to a view of it (``p.data = view``; strides are kept when the parameter is
-dense, so a transposed parameter stays transposed). Gradients are views of a second buffer
-(``p.grad = view``), which autograd accumulates into in place; each state tensor named in
-``state_keys`` lives in a buffer of its own and ``optimizer.state[p][key]`` is a view; a 0-d
-per-parameter state tensor (``step``) is a view of a ``(n_params,)`` buffer. The update then runs
-once per buffer.
+The optimizer owns its state, not the parameters or the gradients, so only the state is laid out flat.
+For each param group, the params of one device and dtype that had a dense gradient when the layout was
+made (the *members*) get one contiguous buffer per state key, and ``optimizer.state[p][key]`` is a view
+of it; each 0-d per-parameter state tensor (``step``, NAdam's ``mu_product``) is an element of an
+``(n_members,)`` buffer, so every counter advances with one call. A step then
 
-What users do, and what happens:
+1. gathers the members' fresh gradients into a scratch buffer with one multi-tensor copy,
+2. gathers the params into a second scratch buffer — unless they already are consecutive views of one
+   storage (see :func:`contiguous_parameters`), in which case that storage is the buffer (zero copy),
+3. runs the algorithm's ``update`` once on the buffers,
+4. copies the results back into the params, in the storage they had.
 
-* ``zero_grad(set_to_none=False)`` zeroes the views in place: the next step is zero-copy.
-* ``zero_grad()`` (``set_to_none=True``, torch's default), a ``.grad`` replaced by another tensor: autograd
-  or the user allocates fresh gradients; the next step copies them into the buffer and rebinds
-  ``p.grad`` to the view (so the step after is zero-copy again). Semantics stay torch's: a parameter
-  whose ``.grad`` is None is not updated.
-* Some parameters without a gradient on a step: the step runs on the views of those that have one,
-  through the foreach machinery — the same ``update`` on a list of views — and the buffer is used whole
-  again once every parameter is back in step.
-* A parameter frozen with ``requires_grad_(False)``: it is kept out of the buffers (rebuilt when that
-  changes), so that the others still run as one buffer; if it gets a gradient anyway it is updated on its
-  own, like any parameter torch would update.
-* ``add_param_group``: the new group gets its own buffers at its first step.
-* ``load_state_dict``: torch replaces ``optimizer.state`` and the group dicts; the next step notices and
-  rebuilds the buffers from the loaded state.
-* ``model.to(...)``: the parameters (and gradients) stop being views of the buffers; the next step
-  notices, rebuilds the buffers from the moved parameters, and moves the state with them (floating
-  state to the parameter's dtype and device, as ``load_state_dict`` would cast it).
+Parameters are never moved: an EMA helper, a ``p.detach()`` taken earlier, FSDP2's sharded storage and
+``torch.save(module.state_dict())`` all keep seeing the parameters they had.
 
-Fast-path checks cost two Python comparisons per parameter per step (is ``p.grad`` still our view?) plus
-two storage use counts per buffer (did ``model.to()`` re-point views?). Assigning ``p.data`` by hand, or
-replacing ``optimizer.state[p][key]`` by hand, is not noticed on the fast path.
+A step takes that path when the params with a gradient are exactly the members, their gradients are
+dense and of the members' dtype, and the members' per-parameter scalars (``step``…) agree. Anything else
+(a param without a gradient on this step, a sparse gradient, ``model.to()``, ``load_state_dict``, a new
+param) goes through the strategy's per-parameter path, which also rebuilds the layout when the
+membership changed. Replacing ``optimizer.state[p][key]`` by hand is not noticed; changing it in place is.
 """
 
 from __future__ import annotations
 
 import operator
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from scratchopt._base import ScratchOptimizer
 
-_get_grad = operator.attrgetter("grad")
+#: ATen copies a tensor smaller than this on one thread (``at::internal::GRAIN_SIZE``).
+_ONE_THREAD_NUMEL = 32768
+#: Below this many tensors a multi-tensor copy is not worth splitting across threads.
+_MIN_TENSORS_TO_SPLIT = 64
+
+_dtype_of = operator.attrgetter("dtype")
+_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
-def _use_count(tensor: Tensor) -> int:
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool made in this process (a forked child gets a new one: the parent's threads are not there)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers != workers:
+        _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="scratchopt-copy"))
+    return _pool[1]
 
 
 def is_dense(tensor: Tensor) -> bool:
@@ -62,256 +63,241 @@ def is_dense(tensor: Tensor) -> bool:
 
 
 def segment_view(flat: Tensor, offset: int, like: Tensor) -> Tensor:
-    """A view of ``flat[offset : offset + like.numel()]`` shaped like ``like`` (its strides when dense)."""
-    if like.dim() > 0 and is_dense(like):
-        return flat.as_strided(like.shape, like.stride(), offset)
-    return flat.as_strided(like.shape, torch.empty(like.shape, device="meta").stride(), offset)
+    """``flat[offset : offset + like.numel()]`` shaped like ``like``, with its strides when it is dense."""
+    strides = like.stride() if is_dense(like) else torch.empty(like.shape, device="meta").stride()
+    return flat.as_strided(like.shape, strides, flat.storage_offset() + offset)
 
 
-class Buffer:
-    """The flat storage of the params of one group that share a device and a dtype."""
+class MultiCopy:
+    """``torch._foreach_copy_(destinations, sources)`` over fixed destinations.
 
-    def __init__(self, optimizer: ScratchOptimizer, params: list[Tensor]) -> None:
-        first = params[0]
-        self.device, self.dtype = first.device, first.dtype
-        self.params = params
-        self.n = len(params)
-        self.offsets = []
-        total = 0
-        for p in params:
+    On the CPU torch's multi-tensor copy runs tensor by tensor on one thread, about 2 µs per tensor: for
+    thousands of small tensors that is most of an optimizer step. Split into one slice per thread it
+    takes a fraction of that (each ``copy_`` releases the GIL).
+    """
+
+    def __init__(self, destinations: list[Tensor]) -> None:
+        self.destinations = destinations
+        threads = torch.get_num_threads()
+        total = sum(t.numel() for t in destinations)
+        splittable = (destinations[0].device.type == "cpu" and threads > 1
+                      and len(destinations) >= _MIN_TENSORS_TO_SPLIT
+                      and total < _ONE_THREAD_NUMEL * len(destinations))
+        self.slices = [slice(0, len(destinations))]
+        if splittable:
+            self.slices, start, done = [], 0, 0
+            for index, tensor in enumerate(destinations):
+                done += tensor.numel()
+                if done * threads >= total * (len(self.slices) + 1) or index == len(destinations) - 1:
+                    self.slices.append(slice(start, index + 1))
+                    start = index + 1
+        self.parts = [destinations[s] for s in self.slices]
+
+    def __call__(self, sources: list[Tensor] | tuple[Tensor, ...]) -> None:
+        if len(self.slices) == 1:
+            torch._foreach_copy_(self.destinations, sources)
+            return
+        pool = _thread_pool(len(self.slices) - 1)
+        pending = [pool.submit(_copy_without_grad, part, sources[s])
+                   for part, s in zip(self.parts[1:], self.slices[1:])]
+        try:
+            torch._foreach_copy_(self.parts[0], sources[self.slices[0]])
+        finally:
+            for future in pending:
+                future.result()
+
+
+def _copy_without_grad(destinations: list[Tensor], sources: list[Tensor]) -> None:
+    # Grad mode is per thread: a pool thread must leave autograd out of the copy as the caller does.
+    with torch.no_grad():
+        torch._foreach_copy_(destinations, sources)
+
+
+def _consecutive_storage(params: list[Tensor]) -> Tensor | None:
+    """One 1-d tensor over the params' storage when they are dense and lie back to back in it, in order."""
+    first = params[0]
+    storage = first.untyped_storage()
+    offset = first.storage_offset()
+    for p in params:
+        if not is_dense(p) or p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != offset:
+            return None
+        offset += p.numel()
+    flat = torch.empty(0, dtype=first.dtype, device=first.device)
+    return flat.set_(storage, first.storage_offset(), (offset - first.storage_offset(),), (1,))
+
+
+class FlatState:
+    """The members of one group that share a device and a dtype, and their state in flat buffers."""
+
+    def __init__(self, optimizer: ScratchOptimizer, members: list[Tensor], positions: list[int]) -> None:
+        first = members[0]
+        self.members, self.positions = members, positions
+        self.take_grads = operator.itemgetter(*positions) if len(positions) > 1 else (
+            lambda grads: (grads[positions[0]],))
+        self.dtype, self.device = first.dtype, first.device
+        self.offsets, total = [], 0
+        for p in members:
             self.offsets.append(total)
             total += p.numel()
         self.numel = total
-        self.flat = torch.empty(total, device=self.device, dtype=self.dtype)
-        self.flat_grad = torch.zeros(total, device=self.device, dtype=self.dtype)
-        self.grad_views: list[Tensor] = []
-        for p, offset in zip(params, self.offsets):
-            view = segment_view(self.flat, offset, p)
-            view.copy_(p.detach())
-            p.data = view
-            self.grad_views.append(segment_view(self.flat_grad, offset, p))
-        self.param_ptrs = [p.data_ptr() for p in params]
-        self.state_flat: dict[str, Tensor] = {}  # state_keys → 1-d buffer
-        self.state_scalar: dict[str, Tensor] = {}  # 0-d per-param state → (n,) buffer
-        self.synced = False
-        self.use_counts = (-1, -1)
-        self.adopt_state(optimizer, range(self.n))
+        # Zero copy when the params already lie back to back in one storage (contiguous_parameters).
+        self.flat_param = _consecutive_storage(members)
+        self.contiguous = self.flat_param is not None
+        if self.contiguous:
+            self.data_ptrs = [p.data_ptr() for p in members]
+        else:
+            self.flat_param = torch.empty(total, dtype=self.dtype, device=self.device)
+            param_views = self._views(self.flat_param)
+            self.gather_params = MultiCopy(param_views)
+            self.scatter_params = MultiCopy(members)
+            self.param_views = param_views
+        self.flat_grad = torch.empty(total, dtype=self.dtype, device=self.device)
+        self.gather_grads = MultiCopy(self._views(self.flat_grad))
+        self.state_buffers: dict[str, Tensor] = {}
+        self.scalar_buffers: dict[str, Tensor] = {}
+        self.adopted = self._adopt_state(optimizer)
+        self.uniform: bool | None = None
 
-    # ---- checks ------------------------------------------------------------------------------------
-    def counts(self) -> tuple[int, int]:
-        return _use_count(self.flat), _use_count(self.flat_grad)
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [segment_view(flat, offset, p) for p, offset in zip(self.members, self.offsets)]
 
-    def fast_ready(self) -> bool:
-        """Every param has its gradient as our view, state is in step and nothing was re-pointed."""
-        if not self.synced:
-            return False
-        grads = list(map(_get_grad, self.params))
-        if not all(map(operator.is_, grads, self.grad_views)):
-            return False
-        return self.counts() == self.use_counts
+    def _adopt_state(self, optimizer: ScratchOptimizer) -> bool:
+        """Copy the members' state into flat buffers and make ``optimizer.state`` hold views of them.
 
-    def params_still_ours(self) -> bool:
-        for p, ptr in zip(self.params, self.param_ptrs):
-            if p.data_ptr() != ptr or p.dtype != self.dtype or p.device != self.device:
-                return False
-        return True
-
-    def refresh_counts(self) -> None:
-        self.use_counts = self.counts()
-
-    # ---- gradients ---------------------------------------------------------------------------------
-    def take_grads(self) -> tuple[list[int], list[int]]:
-        """Indices of the params with a gradient now in the buffer, and of those handled per tensor."""
-        inside, outside = [], []
-        for index, (p, view) in enumerate(zip(self.params, self.grad_views)):
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad is view and grad.data_ptr() == view.data_ptr() and view.untyped_storage().data_ptr() == \
-                    self.flat_grad.untyped_storage().data_ptr():
-                inside.append(index)
-            elif (grad.layout == torch.strided and grad.dtype == self.dtype and grad.device == self.device
-                  and grad.shape == p.shape):
-                fresh = segment_view(self.flat_grad, self.offsets[index], p)
-                fresh.copy_(grad)
-                self.grad_views[index] = fresh
-                p.grad = fresh
-                inside.append(index)
-            else:
-                outside.append(index)
-        return inside, outside
-
-    # ---- state -------------------------------------------------------------------------------------
-    def adopt_state(self, optimizer: ScratchOptimizer, indices: Any) -> bool:
-        """Move the state of these params into the buffers (views in ``optimizer.state``).
-
-        Returns False when some state cannot live in a buffer (it then stays as it is).
+        Returns False (and leaves the state as it is) when the members' states differ in keys, shapes,
+        dtypes or devices: such a layout never runs whole.
         """
-        ok = True
-        for index in indices:
-            p = self.params[index]
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            offset = self.offsets[index]
-            for key, value in list(state.items()):
-                if not isinstance(value, Tensor):
-                    continue
-                if key in optimizer.state_keys:
-                    if value.shape != p.shape or value.layout != torch.strided:
-                        ok = False
-                        continue
-                    if value.device != self.device:
-                        value = value.to(self.device)
-                    buffer = self.state_flat.get(key)
-                    if buffer is None:
-                        buffer = self.state_flat[key] = torch.zeros(self.numel, device=self.device, dtype=value.dtype)
-                    elif buffer.dtype != value.dtype:
-                        ok = False
-                        continue
-                    view = segment_view(buffer, offset, p)
-                    if view is value or (value.data_ptr() == view.data_ptr() and value.stride() == view.stride()
-                                         and value.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()):
-                        continue
-                    view.copy_(value)
-                    state[key] = view
-                elif value.dim() == 0 and value.layout == torch.strided:
-                    buffer = self.state_scalar.get(key)
-                    if buffer is None:
-                        buffer = self.state_scalar[key] = torch.zeros(self.n, device=value.device, dtype=value.dtype)
-                    elif buffer.dtype != value.dtype or buffer.device != value.device:
-                        ok = False
-                        continue
-                    view = buffer[index]
-                    if value.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() and \
-                            value.data_ptr() == view.data_ptr():
-                        continue
-                    view.copy_(value)
-                    state[key] = view
-        return ok
-
-    def check_synced(self, optimizer: ScratchOptimizer) -> bool:
-        """Every param has the same state keys, all in the buffers, and equal per-param scalars."""
-        states = [optimizer.state.get(p) for p in self.params]
-        keys = None
-        for state in states:
-            state_keys = frozenset(state) if state else frozenset()
-            if keys is None:
-                keys = state_keys
-            elif state_keys != keys:
-                return self._set_synced(False)
-        for key in keys or ():
+        states = [optimizer.state.get(p, {}) for p in self.members]
+        keys = set(states[0])
+        if any(set(state) != keys for state in states[1:]):
+            return False
+        buffers: dict[str, Tensor] = {}
+        for key in keys:
             values = [state[key] for state in states]
-            first = values[0]
-            if isinstance(first, Tensor):
-                if key in self.state_flat:
-                    buffer = self.state_flat[key]
-                    storage = buffer.untyped_storage().data_ptr()
-                    if any(v.untyped_storage().data_ptr() != storage for v in values):
-                        return self._set_synced(False)
-                elif key in self.state_scalar:
-                    buffer = self.state_scalar[key]
-                    storage = buffer.untyped_storage().data_ptr()
-                    if any(v.untyped_storage().data_ptr() != storage for v in values):
-                        return self._set_synced(False)
-                    if not bool((buffer == buffer[0]).all()):
-                        return self._set_synced(False)
-                else:
-                    return self._set_synced(False)
-            elif any(v != first or type(v) is not type(first) for v in values[1:]):
-                return self._set_synced(False)
-        return self._set_synced(True)
-
-    def _set_synced(self, value: bool) -> bool:
-        self.synced = value
-        return value
-
-    def flat_states(self, optimizer: ScratchOptimizer) -> list[Tensor | None]:
-        """The buffers of ``state_keys`` in the order ``update`` takes them (None where absent)."""
-        state = optimizer.state.get(self.params[0], {})
-        return [self.state_flat.get(key) if key in state else None for key in optimizer.state_keys]
-
-    def broadcast_scalars(self, optimizer: ScratchOptimizer, source: dict[str, Any]) -> None:
-        """After ``_prepare`` ran for params[0] only, give every other param the same per-param state."""
-        for key, value in source.items():
-            if key in self.state_flat:
-                continue
-            buffer = self.state_scalar.get(key)
-            if buffer is not None:
-                buffer.fill_(value.item() if value.device.type == "cpu" else value.clone())
-            elif not isinstance(value, Tensor):
-                for p in self.params[1:]:
-                    optimizer.state[p][key] = value
-
-
-class Layout:
-    """The buffers of one param group."""
-
-    def __init__(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
-        self.group = group
-        self.state_object = optimizer.state
-        self.n_params = len(group["params"])
-        # A param that does not require grad (frozen) stays out of the buffers: it would keep the
-        # buffer from ever being updated whole. It is updated per tensor if it gets a gradient anyway.
-        self.outsiders = [p for p in group["params"] if not p.requires_grad]
-        by_kind: dict[tuple, list[Tensor]] = {}
-        for p in group["params"]:
-            if p.requires_grad:
-                by_kind.setdefault((p.device, p.dtype), []).append(p)
-        self.buffers = [Buffer(optimizer, params) for params in by_kind.values()]
-        for buffer in self.buffers:
-            buffer.check_synced(optimizer)
-            buffer.refresh_counts()
-
-    def membership_changed(self) -> bool:
-        """A param was frozen or unfrozen (``requires_grad``) since the buffers were made."""
-        return any(p.requires_grad for p in self.outsiders) or any(
-            not p.requires_grad for buffer in self.buffers for p in buffer.params)
-
-    def current(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> bool:
-        return (self.group is group and self.state_object is optimizer.state
-                and len(group["params"]) == self.n_params)
-
-
-def move_state_like_params(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
-    """After ``model.to()``: state follows its param, as ``load_state_dict`` would cast it."""
-    for p in group["params"]:
-        state = optimizer.state.get(p)
-        if not state:
-            continue
-        for key, value in list(state.items()):
-            if not isinstance(value, Tensor):
+            if not all(isinstance(v, Tensor) and v.layout == torch.strided for v in values):
+                if any(isinstance(v, Tensor) for v in values):
+                    return False
                 continue
             if key in optimizer.state_keys:
-                if value.is_floating_point() or value.is_complex():
-                    state[key] = value.to(device=p.device, dtype=p.dtype)
-                else:
-                    state[key] = value.to(device=p.device)
-            elif value.dim() == 0:
-                state[key] = value.clone()  # leave the shared (n,) buffer: the layout is rebuilt
+                if not all(v.shape == p.shape and v.dtype == self.dtype and v.device == self.device
+                           for v, p in zip(values, self.members)):
+                    return False
+                buffers[key] = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            elif all(v.dim() == 0 and v.dtype == values[0].dtype and v.device == values[0].device for v in values):
+                buffers[key] = torch.stack(values)
+            else:
+                return False
+        for key, buffer in buffers.items():
+            if key in optimizer.state_keys:
+                views = self._views(buffer)
+                torch._foreach_copy_(views, [state[key] for state in states])
+                self.state_buffers[key] = buffer
+            else:
+                views = list(buffer.unbind())
+                self.scalar_buffers[key] = buffer
+            for state, view in zip(states, views):
+                state[key] = view
+        return True
+
+    def state_arguments(self, optimizer: ScratchOptimizer) -> list[Tensor | None]:
+        """The flat buffers of ``state_keys`` in the order ``update`` takes them (None where absent)."""
+        return [self.state_buffers.get(key) for key in optimizer.state_keys]
+
+    def check_uniform(self) -> bool:
+        """Every member's per-parameter scalars agree (they do unless some skipped a step)."""
+        if self.uniform is None:
+            self.uniform = all(bool((buffer == buffer[0]).all()) for buffer in self.scalar_buffers.values())
+        return self.uniform
+
+    def params_in_place(self) -> bool:
+        """The zero-copy layout still covers the params (``model.to()`` or ``p.data = …`` re-point them)."""
+        return not self.contiguous or list(map(Tensor.data_ptr, self.members)) == self.data_ptrs
+
+    def accepts(self, grads: tuple[Tensor, ...]) -> bool:
+        """The gradients can be gathered as they are: of the members' dtype and device (dense is checked
+        by the copy itself, which refuses a sparse source before writing to it)."""
+        return set(map(_dtype_of, grads)) == {self.dtype} and grads[0].device == self.device
+
+    def gather(self, grads: tuple[Tensor, ...] | list[Tensor]) -> None:
+        self.gather_grads(grads)
+        if not self.contiguous:
+            self.gather_params(self.members)
+
+    def scatter(self) -> None:
+        if not self.contiguous:
+            self.scatter_params(self.param_views)
+
+    def advance_scalars(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> dict[str, Any]:
+        """Run the algorithm's per-parameter bookkeeping (``step += 1`` …) once, for every member at once.
+
+        ``_prepare`` runs on the first member, whose scalars are element 0 of each buffer; the other
+        elements then take its new values (they were equal before: :meth:`check_uniform`).
+        """
+        values = optimizer._prepare(self.members[0], group)
+        for buffer in self.scalar_buffers.values():
+            buffer.copy_(buffer[0].clone().expand_as(buffer))
+        return values
 
 
-def layout_for(optimizer: ScratchOptimizer, group: dict[str, Any]) -> Layout:
-    layouts = optimizer.__dict__.setdefault("_scratchopt_layouts", {})
-    layout = layouts.get(id(group))
-    if layout is not None and layout.current(optimizer, group):
-        return layout
-    if layout is not None and layout.group is group:
-        # Same group, but params were re-pointed or state replaced: state follows the params.
-        move_state_like_params(optimizer, group)
-    layout = Layout(optimizer, group)
-    layouts[id(group)] = layout
-    # Drop layouts of groups that are gone (load_state_dict makes new group dicts).
-    alive = {id(g) for g in optimizer.param_groups}
-    for key in [k for k in layouts if k not in alive]:
-        del layouts[key]
-    return layout
+class GroupLayout:
+    """The flat states of one param group, and which of its params are members."""
+
+    def __init__(self, optimizer: ScratchOptimizer, group: dict[str, Any], members: list[Tensor]) -> None:
+        self.group, self.params = group, group["params"]
+        self.n_params = len(self.params)
+        member_ids = {id(p) for p in members}
+        self.has_grad = [id(p) in member_ids for p in self.params]
+        by_kind: dict[tuple, tuple[list[Tensor], list[int]]] = {}
+        for position, p in enumerate(self.params):
+            if id(p) in member_ids:
+                kind = by_kind.setdefault((p.device, p.dtype), ([], []))
+                kind[0].append(p)
+                kind[1].append(position)
+        self.flats = [FlatState(optimizer, params, positions) for params, positions in by_kind.values()]
+
+    def covers(self, group: dict[str, Any]) -> bool:
+        return self.group is group and group["params"] is self.params and len(self.params) == self.n_params
+
+    def member_grads(self, grads: list[Tensor | None]) -> list[tuple[Tensor, ...]] | None:
+        """Each flat state's gradients when exactly the members have one and all can be gathered."""
+        if [g is not None for g in grads] != self.has_grad:
+            return None
+        taken = []
+        for flat in self.flats:
+            flat_grads = flat.take_grads(grads)
+            if not (flat.adopted and flat.check_uniform() and flat.accepts(flat_grads) and flat.params_in_place()):
+                return None
+            taken.append(flat_grads)
+        return taken
 
 
-def rebuild(optimizer: ScratchOptimizer, group: dict[str, Any]) -> Layout:
-    layouts = optimizer.__dict__.setdefault("_scratchopt_layouts", {})
-    layouts.pop(id(group), None)
-    move_state_like_params(optimizer, group)
-    layout = Layout(optimizer, group)
-    layouts[id(group)] = layout
-    return layout
+def contiguous_parameters(module: nn.Module) -> list[Tensor]:
+    """Lay out ``module``'s parameters back to back in one buffer per device and dtype, in place.
+
+    The opt-in zero-copy mode (the layout DeepSpeed and FSDP1 use): each parameter keeps its identity,
+    shape, strides and values, but its data becomes a view of a shared buffer (``p.data = view``), so a
+    flat or fused optimizer built afterwards notices the contiguity and updates the buffer directly,
+    without gathering the params and copying them back. Call it before creating the optimizer (and
+    before taking references to parameter storage, such as an EMA copy). Moving the module afterwards
+    (``module.to(...)``) re-points the parameters; the optimizer notices and falls back to copying.
+
+    Consequence to know: ``torch.save`` of one parameter (or of one submodule's ``state_dict()``) writes
+    the whole shared buffer it is a view of; clone it first to save one tensor alone.
+
+    Returns the buffers, one per (device, dtype), in the order of ``module.parameters()``.
+    """
+    by_kind: dict[tuple, list[nn.Parameter]] = {}
+    for p in module.parameters():
+        by_kind.setdefault((p.device, p.dtype), []).append(p)
+    buffers = []
+    with torch.no_grad():
+        for (device, dtype), params in by_kind.items():
+            flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device)
+            offset = 0
+            for p in params:
+                view = segment_view(flat, offset, p)
+                view.copy_(p)
+                p.data = view
+                offset += p.numel()
+            buffers.append(flat)
+    return buffers

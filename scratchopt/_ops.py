@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from scratchopt._tensorlist import TensorList
+
 
 def cast_like(value: Any, reference: Tensor) -> Any:
     """A tensor hyperparameter moved to the reference's device and dtype (a number is left alone)."""
@@ -26,7 +28,8 @@ def as_real(*tensors: Any) -> tuple[Any, ...]:
     An ``update`` receives complex parameters as they are and calls this where torch's for-loop does:
     the rounding of the weight-decay term depends on whether it is computed in complex or real arithmetic.
     """
-    return tuple(torch.view_as_real(t) if isinstance(t, Tensor) and torch.is_complex(t) else t for t in tensors)
+    return tuple(torch.view_as_real(t) if isinstance(t, (Tensor, TensorList)) and t.is_complex() else t
+                 for t in tensors)
 
 
 def get_value(value: Any) -> Any:

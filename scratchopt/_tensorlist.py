@@ -1,15 +1,12 @@
-"""The list types an ``update`` runs on under ``impl="foreach"`` (and on the views of a flat buffer).
+"""The list type an ``update`` runs on under ``impl="foreach"`` (and on the params of a flat layout
+on steps that cannot run whole).
 
 :class:`TensorList` is a list of tensors of one device and dtype that answers the Tensor methods an
 ``update`` calls (``mul_``, ``addcmul_``, ``lerp_``, ``sqrt``, ``/`` …) with one ``torch._foreach_*``
 call over the whole list. Where torch has no foreach op for a call (or not for that combination of
-arguments) the method runs tensor by tensor, so any Tensor method keeps working.
-
-:class:`ScalarList` holds one Python scalar per tensor (a ``step`` that differs between parameters, as
-after a parameter was frozen for a few steps) and does Python arithmetic element by element, so each
-tensor gets exactly the scalar the loop would have computed; torch's foreach ops accept such lists.
-An ``update`` that branches on a per-tensor value (``if rho_t > 5``) gets a definite answer when every
-tensor agrees and :class:`RaggedBranch` otherwise; the foreach strategy then splits the list.
+arguments) the method runs tensor by tensor, so any Tensor method keeps working. The strategy puts
+only tensors whose per-parameter scalars (``step``…) are equal into one list, so every scalar an update
+computes is one Python number, exactly the one the loop computes.
 
 On the CPU torch's foreach ops run tensor by tensor with the same kernels as the single-tensor ops, so
 an ``update`` run on a :class:`TensorList` is bit-for-bit equal to the loop. On CUDA they are
@@ -18,119 +15,11 @@ horizontally fused kernels (a few ulp from the loop).
 
 from __future__ import annotations
 
-import math
-import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-
-
-class RaggedBranch(Exception):
-    """An ``update`` asked a yes/no question whose answer differs between the tensors of a list."""
-
-
-# --------------------------------------------------------------------------------------------------
-# ScalarList
-# --------------------------------------------------------------------------------------------------
-
-
-def _binary(op: Callable[[Any, Any], Any], reverse: bool = False) -> Callable[[ScalarList, Any], Any]:
-    def method(self: ScalarList, other: Any) -> Any:
-        if not isinstance(other, (ScalarList, int, float, complex, bool, Tensor)):
-            return NotImplemented
-        if isinstance(other, ScalarList):
-            pairs = zip(other.values, self.values) if reverse else zip(self.values, other.values)
-            return ScalarList(op(a, b) for a, b in pairs)
-        if reverse:
-            return ScalarList(op(other, a) for a in self.values)
-        return ScalarList(op(a, other) for a in self.values)
-
-    return method
-
-
-class ScalarList:
-    """One Python scalar (or 0-d tensor) per tensor of a :class:`TensorList`, with elementwise arithmetic."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: Iterable[Any]) -> None:
-        self.values = list(values)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def __iter__(self):
-        return iter(self.values)
-
-    def __repr__(self) -> str:
-        return f"ScalarList({self.values!r})"
-
-    __add__ = _binary(operator.add)
-    __radd__ = _binary(operator.add, reverse=True)
-    __sub__ = _binary(operator.sub)
-    __rsub__ = _binary(operator.sub, reverse=True)
-    __mul__ = _binary(operator.mul)
-    __rmul__ = _binary(operator.mul, reverse=True)
-    __truediv__ = _binary(operator.truediv)
-    __rtruediv__ = _binary(operator.truediv, reverse=True)
-    __floordiv__ = _binary(operator.floordiv)
-    __rfloordiv__ = _binary(operator.floordiv, reverse=True)
-    __mod__ = _binary(operator.mod)
-    __pow__ = _binary(operator.pow)
-    __rpow__ = _binary(operator.pow, reverse=True)
-    __lt__ = _binary(operator.lt)
-    __le__ = _binary(operator.le)
-    __gt__ = _binary(operator.gt)
-    __ge__ = _binary(operator.ge)
-    __eq__ = _binary(operator.eq)  # type: ignore[assignment]
-    __ne__ = _binary(operator.ne)  # type: ignore[assignment]
-    __and__ = _binary(operator.and_)
-    __or__ = _binary(operator.or_)
-    __hash__ = None  # type: ignore[assignment]
-
-    def __neg__(self) -> ScalarList:
-        return ScalarList(-a for a in self.values)
-
-    def __pos__(self) -> ScalarList:
-        return self
-
-    def __abs__(self) -> ScalarList:
-        return ScalarList(abs(a) for a in self.values)
-
-    def _uniform(self, convert: Callable[[Any], Any]) -> Any:
-        answers = [convert(a) for a in self.values]
-        if any(answer != answers[0] for answer in answers[1:]):
-            raise RaggedBranch("the tensors of a list disagree on a per-tensor value the update branches on")
-        return answers[0]
-
-    def __bool__(self) -> bool:
-        return self._uniform(bool)
-
-    def __float__(self) -> float:
-        return self._uniform(float)
-
-    def __int__(self) -> int:
-        return self._uniform(int)
-
-    def __index__(self) -> int:
-        return self._uniform(operator.index)
-
-    # math.sqrt & co. call __float__; these cover the common ones with per-element results.
-    def sqrt(self) -> ScalarList:
-        return ScalarList(math.sqrt(a) if not isinstance(a, Tensor) else a.sqrt() for a in self.values)
-
-
-def uniform_or_list(values: Sequence[Any]) -> Any:
-    """The one value when every entry is the same Python number, else a :class:`ScalarList`."""
-    first = values[0]
-    if isinstance(first, Tensor):
-        return ScalarList(values)
-    for value in values:
-        if value is not first and (isinstance(value, Tensor) or value != first or type(value) is not type(first)):
-            return ScalarList(values)
-    return first
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,11 +31,9 @@ _SCALAR_KEYWORDS = ("alpha", "value")
 
 
 def _as_foreach_scalar(value: Any) -> Any:
-    """A Python scalar for a foreach ``Scalar`` argument, or the list of them for a ``ScalarList``."""
+    """A Python scalar for a foreach ``Scalar`` argument (torch reads a 0-d tensor there with ``.item()``)."""
     if isinstance(value, Tensor):
         return value.item()
-    if isinstance(value, ScalarList):
-        return [v.item() if isinstance(v, Tensor) else v for v in value.values]
     return value
 
 
@@ -204,8 +91,6 @@ class TensorList:
         def pick(value: Any, index: int) -> Any:
             if isinstance(value, TensorList):
                 return value.tensors[index]
-            if isinstance(value, ScalarList):
-                return value.values[index]
             return value
 
         results = []
@@ -219,7 +104,7 @@ class TensorList:
             return self._new([])
         if all(isinstance(r, Tensor) for r in results):
             return self._new(results)
-        return ScalarList(results)
+        return results
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """``name`` through ``torch._foreach_<name>`` where torch has it for these arguments."""
@@ -238,8 +123,6 @@ class TensorList:
                     if len(a.tensors) != len(self.tensors):
                         raise ValueError("TensorList lengths differ")
                     converted_args.append(a.tensors)
-                elif isinstance(a, ScalarList):
-                    converted_args.append(_as_foreach_scalar(a))
                 elif isinstance(a, Tensor):
                     # A 0-d tensor where the single-tensor op takes a Tensor: the per-tensor op is the
                     # loop's own call, so keep its exact semantics (type promotion included).
@@ -253,15 +136,6 @@ class TensorList:
                     ok = False
                     break
                 converted_kwargs[k] = _as_foreach_scalar(v) if k in _SCALAR_KEYWORDS else v
-            # foreach takes a list of scalars positionally only (``scalars=``), never as ``alpha``.
-            if ok and "alpha" in converted_kwargs and isinstance(converted_kwargs["alpha"], list):
-                ok = False
-            if ok and "value" in converted_kwargs:
-                value = converted_kwargs.pop("value")
-                if isinstance(value, list):
-                    converted_args.append(value)
-                else:
-                    converted_kwargs["value"] = value
             if ok:
                 try:
                     result = foreach(self.tensors, *converted_args, **converted_kwargs)
@@ -375,9 +249,7 @@ class TensorList:
         def pick(value: Any, index: int) -> Any:
             if isinstance(value, TensorList):
                 return value.tensors[index]
-            if isinstance(value, ScalarList):
-                return value.values[index]
-            if isinstance(value, (list, tuple)) and any(isinstance(v, (TensorList, ScalarList)) for v in value):
+            if isinstance(value, (list, tuple)) and any(isinstance(v, TensorList) for v in value):
                 return type(value)(pick(v, index) for v in value)
             return value
 
@@ -389,7 +261,7 @@ class TensorList:
             return TensorList(results)
         if not results:
             return TensorList([], lists[0].dtype, lists[0].device)
-        return ScalarList(results)
+        return results
 
 
 def _per_tensor_operator(name: str) -> Callable[..., Any]:

@@ -64,9 +64,7 @@ def update(
     if maximize:
         grad = -grad  # g ← −g
     if weight_decay != 0:
-        if grad.is_sparse:
-            raise RuntimeError(SPARSE_WEIGHT_DECAY_ERROR)
-        grad = grad.add(param, alpha=weight_decay)  # g ← g + λθ
+        grad = grad.add(param, alpha=weight_decay)  # g ← g + λθ (never sparse: see _check_inputs)
     clr = lr / (1 + (step - 1) * lr_decay)  # γ̃ ← γ/(1 + (t − 1)η)
     if grad.is_sparse:
         # Per-tensor only (a sparse gradient is one tensor; the foreach/flat strategies never see one).
@@ -130,6 +128,13 @@ class Adagrad(ScratchOptimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 self.state[param].update(self._init_state(param, group))
+
+    def _check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        super()._check_inputs(group, params)
+        # torch raises this inside its loop, after updating the params before the sparse one; we raise
+        # it before any change.
+        if group["weight_decay"] != 0 and any(p.grad.is_sparse for p in params):
+            raise RuntimeError(SPARSE_WEIGHT_DECAY_ERROR)
 
     def share_memory(self) -> None:
         """Calls ``tensor.share_memory_()`` on the state ``sum`` tensors, as torch's Adagrad does."""

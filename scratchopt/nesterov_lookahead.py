@@ -53,7 +53,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt import strategies
 from scratchopt._base import ScratchOptimizer
 from scratchopt._checks import check_lr, require
 from scratchopt._ops import zeros_like
@@ -122,7 +121,5 @@ class NesterovLookahead(ScratchOptimizer):
             with torch.no_grad():
                 for p, theta in saved:
                     p.copy_(theta)  # exact restore of θ
-        with torch.no_grad():
-            for group in self.param_groups:
-                strategies.run(self.impl, self, group)
+        self._apply_updates()
         return loss

@@ -36,7 +36,9 @@ from torch import nn
 import scratchopt
 from scratchopt import _compiled
 
-ALGORITHMS = implemented()
+#: The strategies differ only for elementwise algorithms; the others run the loop under every impl
+#: (test_non_elementwise_algorithms_run_the_loop).
+ALGORITHMS = [name for name in implemented() if getattr(scratchopt, name).elementwise]
 EXACT = ("foreach", "flat")
 COMPILED = ("compiled", "fused")
 DTYPES = (torch.float32, torch.float64)
@@ -107,9 +109,12 @@ def _side_by_side(name: str, kwargs: dict, dtype: torch.dtype, impl: str, steps:
 
 
 def test_every_algorithm_declares_whether_it_is_elementwise():
-    """The torch twins are all elementwise; a non-elementwise one would run the loop under every impl."""
-    for name in ALGORITHMS:
-        assert getattr(scratchopt, name).elementwise, f"{name} does not set elementwise = True"
+    """Each algorithm says it, rather than inheriting the base class's safe default by omission."""
+    from scratchopt._base import ScratchOptimizer
+
+    for name in implemented():
+        declared = [c for c in getattr(scratchopt, name).__mro__ if "elementwise" in vars(c)]
+        assert declared[0] is not ScratchOptimizer, f"{name} does not declare elementwise"
 
 
 def _exact_cases() -> list:
@@ -187,26 +192,8 @@ def test_params_with_different_step_counts_in_one_list(name, impl):
     _staggered_run(name, impl, torch.float64)
 
 
-def test_ragged_scalars_become_per_tensor_scalar_lists(monkeypatch):
-    """Adam with three step counts in one bucket runs one foreach call per op, with a list of scalars."""
-    calls = []
-    original = torch._foreach_addcdiv_
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_foreach_addcdiv_", spy)
-    from scratchopt import _tensorlist
-
-    monkeypatch.setitem(_tensorlist._FOREACH, "addcdiv_", spy)
-    _staggered_run("Adam", "foreach", torch.float64)
-    ragged = [c for c in calls if isinstance(c[-1], list) and len(set(c[-1])) > 1]
-    assert ragged, "no foreach call received per-tensor scalars"
-
-
 def test_radam_branch_on_ragged_step_splits_the_list():
-    """RAdam branches on ρₜ > 5, a function of the step: steps 4 and 8 disagree, so the list is split."""
+    """RAdam branches on ρₜ > 5, a function of the step: params at steps 4 and 8 go in different lists."""
     _staggered_run("RAdam", "foreach", torch.float64, steps=9)
 
 
@@ -344,23 +331,24 @@ def _backward(model: nn.Module, step: int) -> None:
     nn.functional.mse_loss(model(x), y).backward()
 
 
-def _assert_flat(optimizer, group_index: int = 0) -> None:
-    """Every param of the group is a view of one buffer, and so is every gradient and state tensor."""
+def _assert_flat_state(optimizer, group_index: int = 0) -> None:
+    """Every state tensor of one key is a view of one buffer (the optimizer owns its state)."""
     params = optimizer.param_groups[group_index]["params"]
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    assert len(storages) == 1, "params do not share one buffer"
-    grads = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
-    assert len(grads) <= 1, "gradients do not share one buffer"
-    for key in optimizer.state_keys:
+    for key in optimizer.state_keys + ("step",):
         states = {optimizer.state[p][key].untyped_storage().data_ptr() for p in params
                   if key in optimizer.state.get(p, {})}
         assert len(states) <= 1, f"state {key!r} is not one buffer"
+
+
+def _storage_of(params) -> list[tuple[int, int]]:
+    return [(p.untyped_storage().data_ptr(), p.storage_offset()) for p in params]
 
 
 @pytest.mark.parametrize("impl", ["flat", "fused"])
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_flat_training_loop_matches_loop(impl, set_to_none):
     model, reference = _mlp(), _mlp()
+    storage = _storage_of(model.parameters())
     ours = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
     loop = scratchopt.Adam(reference.parameters(), lr=0.01)
     for step in range(6):
@@ -368,10 +356,8 @@ def test_flat_training_loop_matches_loop(impl, set_to_none):
             opt.zero_grad(set_to_none=set_to_none)
             _backward(net, step)
             opt.step()
-        _assert_flat(ours)
-    if not set_to_none:  # autograd accumulated into the flat gradient buffer: no copy was needed
-        layout = ours._scratchopt_layouts[id(ours.param_groups[0])]
-        assert all(p.grad is view for p, view in zip(layout.buffers[0].params, layout.buffers[0].grad_views))
+        _assert_flat_state(ours)
+    assert _storage_of(model.parameters()) == storage, "a parameter was moved to other storage"
     _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
 
 
@@ -394,7 +380,7 @@ def test_flat_replaced_missing_and_frozen_grads(impl):
                 net[4].bias.grad = None  # one missing gradient
             opt.step()
     _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
-    _assert_flat(ours)
+    _assert_flat_state(ours)
 
 
 @pytest.mark.parametrize("impl", ["flat", "fused"])
@@ -411,8 +397,8 @@ def test_flat_add_param_group(impl):
             opt.zero_grad()
             _backward(net, step)
             opt.step()
-    _assert_flat(ours, 0)
-    _assert_flat(ours, 1)
+    _assert_flat_state(ours, 0)
+    _assert_flat_state(ours, 1)
     _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
 
 
@@ -432,33 +418,11 @@ def test_flat_load_state_dict_both_ways(impl):
             _backward(net, step)
             opt.step()
         if step >= 3:
-            _assert_flat(ours)
+            _assert_flat_state(ours)
     _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
     # torch.optim reads our state_dict too.
     theirs = torch.optim.Adam(_mlp().parameters(), lr=0.01, amsgrad=True)
     theirs.load_state_dict(ours.state_dict())
-
-
-@pytest.mark.parametrize("impl", ["flat", "fused"])
-def test_flat_model_to_another_dtype(impl):
-    """model.to(float64) mid-training: the buffers are rebuilt and the state follows the params."""
-    model, reference = _mlp(), _mlp()
-    ours = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
-    loop = scratchopt.Adam(reference.parameters(), lr=0.01)
-    for step in range(7):
-        if step == 3:
-            model.to(torch.float64)
-            reference.to(torch.float64)
-            # The loop's state stays float32 under model.to(); torch's load_state_dict casts it, as we do.
-            loop.load_state_dict(loop.state_dict())
-        for net, opt in ((model, ours), (reference, loop)):
-            opt.zero_grad(set_to_none=False)
-            _backward(net, step)
-            opt.step()
-    assert all(p.dtype == torch.float64 for p in model.parameters())
-    assert all(ours.state[p]["exp_avg"].dtype == torch.float64 for p in model.parameters())
-    _assert_flat(ours)
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
 
 
 def test_flat_params_keep_their_strides_and_values():
@@ -502,19 +466,219 @@ def test_non_elementwise_algorithms_run_the_loop(monkeypatch):
     assert seen == {torch.Tensor}
 
 
-def test_bench_command_writes_its_table(tmp_path, capsys):
-    """``scratchopt bench`` end to end on a toy size (the real run is a command, not a timed test)."""
-    from scratchopt.cli import main
+# ---------------------------------------------------------------------------------------------------
+# Issue 7's breakages, each a test
+# ---------------------------------------------------------------------------------------------------
 
-    main(["bench", "--preset", "quick", "--algorithms", "SGD+momentum", "--workloads", "mlp", "--mlp-layers", "3",
-          "--columns", "ours loop,ours flat,torch loop,torch fused", "--min-run-time", "0.001", "--rounds", "1",
-          "--no-warmup", "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
-    assert "SGD+momentum" in printed and "targets" in printed
-    for name in ("bench.csv", "bench.json", "bench.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    import json
+ALL_IMPLS = ("loop",) + EXACT + COMPILED
 
-    results = json.loads((tmp_path / "bench.json").read_text())
-    row = results["rows"][0]
-    assert row["traffic_B_per_param"] == 20 and row["times_ms"]["ours flat"] > 0
+
+def _issue_params() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(), (5,), (4, 3), None, (2, 3, 2), (3,)]
+    return [torch.nn.Parameter(torch.randn(3, 4, 2, generator=gen)[..., 0] if s is None else torch.randn(s, generator=gen))
+            for s in shapes]
+
+
+def _issue_sparse_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = []
+    for index, p in enumerate(params):
+        values = torch.randn(p.shape, generator=gen)
+        has = index != 5 and not (index == 1 and (step == 0 or step % 5 == 4)) and not (index == 2 and step % 3 == 1)
+        grads.append(values.to_sparse() if has else None)
+    return grads
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_sparse_gradients_of_every_shape_match_torch(impl):
+    """Issue 7, breakage 1: flat crashed (SIGSEGV) and fused drifted on sparse gradients."""
+    ours_params, their_params = _issue_params(), _issue_params()
+    ours = scratchopt.SGD(ours_params, lr=0.0048, impl=impl)
+    theirs = torch.optim.SGD(their_params, lr=0.0048, foreach=False)
+    for step in range(20):
+        for params in (ours_params, their_params):
+            for p, grad in zip(params, _issue_sparse_grads(params, step)):
+                p.grad = grad
+        ours.step()
+        theirs.step()
+        for a, b in zip(ours_params, their_params):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", COMPILED)
+def test_kernel_cache_is_keyed_by_everything_the_kernel_depends_on(impl):
+    """Issue 7, breakage 2: β₁ ≤ 0.5 and centered RMSprop with α ≤ 0.5 take the other branch of ATen's
+    lerp; they used to poison the process-wide kernel cache. Both sides of each branch, in one process."""
+    cases = [("Adam", {"betas": (0.5, 0.999)}), ("Adam", {}), ("Adam", {"betas": (0.3, 0.9)}),
+             ("RMSprop", {"centered": True, "alpha": 0.4}), ("RMSprop", {"centered": True}),
+             ("Adam", {"betas": (0.5, 0.999)})]
+    for name, kwargs in cases:
+        _side_by_side(name, kwargs, torch.float32, impl, steps=6, exact=False)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_parameters_are_updated_in_their_own_storage(impl):
+    """Issue 7, breakage 3: flat/fused rebound p.data. An EMA-style alias taken before training, the
+    storage pointers and a one-layer torch.save must all see the params where they were."""
+    import io
+
+    model, reference = _mlp(), _mlp()
+    aliases = [p.detach() for p in model.parameters()]
+    storage = _storage_of(model.parameters())
+    ours = scratchopt.AdamW(model.parameters(), lr=0.01, impl=impl)
+    loop = scratchopt.AdamW(reference.parameters(), lr=0.01)
+    for step in range(4):
+        for net, opt in ((model, ours), (reference, loop)):
+            opt.zero_grad()
+            _backward(net, step)
+            opt.step()
+    assert _storage_of(model.parameters()) == storage
+    initial = _mlp()
+    for alias, p, start in zip(aliases, model.parameters(), initial.parameters()):
+        assert not torch.equal(p, start), "a parameter was not updated"
+        assert torch.equal(alias, p.detach()), "an alias taken before training stopped seeing the updates"
+    layer = io.BytesIO()
+    torch.save(model[2].state_dict(), layer)
+    own_bytes = sum(p.numel() * p.element_size() for p in model[2].parameters())
+    assert layer.tell() < own_bytes + 2000, "saving one layer wrote more than its own parameters"
+    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
+                         impl not in COMPILED)
+
+
+def _snapshot(model: nn.Module, optimizer) -> tuple:
+    return copy.deepcopy(([p.detach().clone() for p in model.parameters()], optimizer.state_dict()))
+
+
+def _assert_snapshot_unchanged(before: tuple, after: tuple, what: str) -> None:
+    for a, b in zip(before[0], after[0]):
+        assert torch.equal(a, b), f"{what}: a parameter changed"
+    for index, state in before[1]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, after[1]["state"][index][key]), f"{what}: state[{index}][{key!r}] changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_model_to_another_dtype_mid_training_raises_before_any_change(impl, dtype):
+    """Issue 7, breakage 5: every strategy raises torch's error type before changing anything (torch's
+    own for-loop fails halfway through the step), and resumes once the state is cast like the params."""
+    model, reference = _mlp(), _mlp()
+    ours = scratchopt.AdamW(model.parameters(), lr=0.01, impl=impl)
+    loop = scratchopt.AdamW(reference.parameters(), lr=0.01)
+    for step in range(3):
+        for net, opt in ((model, ours), (reference, loop)):
+            opt.zero_grad()
+            _backward(net, step)
+            opt.step()
+    for net, opt in ((model, ours), (reference, loop)):
+        net.to(dtype)
+        opt.zero_grad()
+        _backward(net, 3)
+        before = _snapshot(net, opt)
+        with pytest.raises(RuntimeError, match=r"state\['exp_avg'\] .* was the model moved with \.to\(\)"):
+            opt.step()
+        _assert_snapshot_unchanged(before, _snapshot(net, opt), f"{impl} after the refused step")
+        opt.load_state_dict(opt.state_dict())  # casts the state like the params, as torch does
+        opt.step()
+    assert all(ours.state[p]["exp_avg"].dtype == dtype for p in model.parameters())
+    if dtype == torch.float64 or impl not in COMPILED:
+        _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
+                             impl not in COMPILED)
+
+
+@pytest.mark.parametrize("impl", EXACT + COMPILED)
+def test_a_parameter_listed_twice_is_updated_twice_as_by_the_loop(impl):
+    """Issue 7, breakage 6: torch warns and its for-loop applies the update twice, in order."""
+    def build(params):
+        return [{"params": [params[0], params[1], params[0]]}, {"params": params[2:4]}]
+
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        _side_by_side("Adam", {}, torch.float64, impl, steps=10, make_groups=build, exact=impl in EXACT)
+
+
+@pytest.mark.parametrize("impl", ["flat", "fused"])
+def test_a_steady_step_prepares_once_per_buffer_not_per_parameter(impl, monkeypatch):
+    """The steady state does a constant number of Python-level operations per group: ``_prepare`` (the
+    step counters) and ``update`` run once per buffer, however many parameters there are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(40)])
+    optimizer = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
+    x = torch.randn(3, 4)
+    calls = {"prepare": 0, "update": 0}
+    prepare, update = scratchopt.Adam._prepare, scratchopt.Adam.update
+
+    def count_prepare(self, *args, **kwargs):
+        calls["prepare"] += 1
+        return prepare(self, *args, **kwargs)
+
+    def count_update(*args, **kwargs):
+        calls["update"] += 1
+        return update(*args, **kwargs)
+
+    for step in range(4):
+        if step == 2:
+            monkeypatch.setattr(scratchopt.Adam, "_prepare", count_prepare)
+            monkeypatch.setattr(scratchopt.Adam, "update", staticmethod(count_update))
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    assert calls == {"prepare": 2, "update": 2}
+    assert all(optimizer.state[p]["step"].item() == 4 for p in model.parameters())
+
+
+@pytest.mark.parametrize("impl", ["flat", "fused"])
+def test_many_small_tensors_train_like_the_loop(impl):
+    """80 tensors: enough for the gradient and parameter copies to be split across threads."""
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(40)])
+
+    model, reference = build(0), build(0)
+    ours = scratchopt.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, impl=impl)
+    loop = scratchopt.SGD(reference.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for net, opt in ((model, ours), (reference, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+
+
+@pytest.mark.parametrize("impl", ["flat", "fused"])
+def test_contiguous_parameters_are_updated_without_copies(impl, monkeypatch):
+    """The opt-in layout: the optimizer notices by itself that the params lie back to back and updates
+    their buffer directly (one multi-tensor copy a step: the gradients). Re-pointing the params later
+    (``p.data = …``) is noticed too: the step goes back to copying, with the same results."""
+    model, reference = _mlp(), _mlp()
+    buffers = scratchopt.contiguous_parameters(model)
+    assert len(buffers) == 1 and buffers[0].numel() == sum(p.numel() for p in model.parameters())
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q) and p.stride() == q.stride()
+    ours = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
+    loop = scratchopt.Adam(reference.parameters(), lr=0.01)
+    copies = []
+    original = torch._foreach_copy_
+
+    def count(*args, **kwargs):
+        copies.append(len(args[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", count)
+    for step in range(8):
+        if step == 5:
+            for p in model.parameters():
+                p.data = p.data.clone()
+        copies.clear()
+        for net, opt in ((model, ours), (reference, loop)):
+            opt.zero_grad()
+            _backward(net, step)
+            opt.step()
+        if 1 <= step < 5:
+            assert copies == [6], f"step {step}: expected one copy of the 6 gradients, saw {copies}"
+            assert all(p.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr()
+                       for p in model.parameters())
+        if step >= 6:
+            assert copies == [6, 6, 6], f"step {step}: expected gradients, params in, params out: {copies}"
+    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
