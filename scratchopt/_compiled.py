@@ -54,22 +54,23 @@ class Program:
     def __init__(self, inputs: Sequence[Tensor | None]) -> None:
         self.ops: list[tuple] = []
         self.tape: list[float] = []
-        self.metas: list[Tensor | None] = []  # meta tensor per recorded value (filled lazily)
+        # Meta tensor per recorded value, made only when asked (a steady step never asks: it records
+        # only to compute the tape and to look its kernel up).
+        self.metas: list[Tensor | None] = []
         self.input_keys = tuple(
             None if t is None else (t.dtype, t.device.type, t.dim()) for t in inputs
         )
+        self.inputs = [t for t in inputs if t is not None]
         self.devices: list[torch.device | None] = []
         self.recorded = []
         for t in inputs:
             if t is None:
                 self.recorded.append(None)
                 continue
-            rid = len(self.metas)
-            self.metas.append(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"))
+            self.recorded.append(Recorded(self, len(self.metas)))
+            self.metas.append(None)
             self.devices.append(t.device)
-            self.recorded.append(Recorded(self, rid))
         self.n_inputs = len(self.metas)
-        self.functions: list[Callable[..., Any]] = []
 
     # ---- recording -------------------------------------------------------------------------------
     def encode(self, value: Any) -> Any:
@@ -139,6 +140,9 @@ class Program:
         return tuple(items) if spec[1] == "tuple" else items
 
     def _compute_metas(self) -> None:
+        for rid, t in enumerate(self.inputs):
+            if self.metas[rid] is None:
+                self.metas[rid] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
         for kind, target, receiver, (args, kwargs), out in self.ops:
             if out is None or self.metas[out] is not None:
                 continue

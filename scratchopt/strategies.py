@@ -50,9 +50,6 @@ from scratchopt._tensorlist import TensorList
 if TYPE_CHECKING:
     from scratchopt._base import ScratchOptimizer
 
-NAMES: tuple[str, ...] = ("loop", "foreach", "compiled", "flat", "fused")
-
-
 def _python_scalar(value: Any) -> Any:
     return value.item() if isinstance(value, Tensor) else value
 
@@ -251,6 +248,8 @@ def run_fused(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
 
 _RUNNERS = {"loop": run_loop, "foreach": run_foreach, "compiled": run_compiled, "flat": run_flat,
             "fused": run_fused}
+#: The strategy names ``impl=`` accepts.
+NAMES: tuple[str, ...] = tuple(_RUNNERS)
 
 
 def run(impl: str, optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
