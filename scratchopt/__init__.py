@@ -5,15 +5,22 @@ and errors, plus ``impl=`` to choose how its one ``update`` is executed.
 """
 
 from scratchopt.adadelta import Adadelta
+from scratchopt.adafactor import Adafactor
 from scratchopt.adagrad import Adagrad
 from scratchopt.adam import Adam
 from scratchopt.adamax import Adamax
 from scratchopt.adamw import AdamW
+from scratchopt.asgd import ASGD
+from scratchopt.lbfgs import LBFGS
+from scratchopt.muon import Muon
 from scratchopt.nadam import NAdam
 from scratchopt.nesterov_lookahead import NesterovLookahead
 from scratchopt.newton import Newton
 from scratchopt.radam import RAdam
 from scratchopt.rmsprop import RMSprop
+from scratchopt.rprop import Rprop
 from scratchopt.sgd import SGD
+from scratchopt.sparse_adam import SparseAdam
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NesterovLookahead", "Newton", "Adamax", "NAdam", "RAdam"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NesterovLookahead", "Newton", "Adamax", "NAdam", "RAdam",
+           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam"]

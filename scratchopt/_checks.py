@@ -11,10 +11,20 @@ from typing import Any
 from torch import Tensor
 
 
+def require_message(ok: Any, message: str, allowed: str) -> None:
+    """Raise ``ValueError("{message} (allowed: {allowed})")`` unless ``ok``; ``message`` is torch's."""
+    if not ok:
+        raise ValueError(f"{message} (allowed: {allowed})")
+
+
 def require(ok: Any, what: str, value: Any, allowed: str) -> None:
     """Raise ``ValueError("Invalid {what}: {value} (allowed: {allowed})")`` unless ``ok``."""
-    if not ok:
-        raise ValueError(f"Invalid {what}: {value} (allowed: {allowed})")
+    require_message(ok, f"Invalid {what}: {value}", allowed)
+
+
+def require_should_be(ok: Any, subject: str, relation: str, value: Any, argument: str) -> None:
+    """torch's newer phrasing (Adafactor, Muon): ``"{subject} should be {relation} but is: {value}"``."""
+    require_message(ok, f"{subject} should be {relation} but is: {value}", f"{argument} {relation}")
 
 
 def check_tensor_hyperparameter(value: Any, name: str, *, foreach: bool | None, capturable: bool) -> None:
@@ -27,9 +37,13 @@ def check_tensor_hyperparameter(value: Any, name: str, *, foreach: bool | None, 
         raise ValueError(f"Tensor {name} must be 1-element")
 
 
-def check_lr(lr: Any) -> None:
+def check_one_element_lr(lr: Any) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
+
+
+def check_lr(lr: Any) -> None:
+    check_one_element_lr(lr)
     require(0.0 <= lr, "learning rate", lr, "lr >= 0")
 
 

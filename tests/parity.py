@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +13,10 @@ from torch.testing._internal.common_optimizers import optim_db
 import scratchopt
 
 #: Every torch.optim twin scratchopt implements, by class name.
-ALGORITHMS = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam"]
-#: Algorithms whose torch class accepts sparse gradients.
-SPARSE_ALGORITHMS = {"SGD", "Adagrad"}
+ALGORITHMS = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
+              "ASGD", "Rprop", "Adafactor", "Muon", "LBFGS", "SparseAdam"]
+#: Algorithms whose torch class accepts sparse gradients (LBFGS densifies them; SparseAdam takes no other).
+SPARSE_ALGORITHMS = {"SGD", "Adagrad", "LBFGS", "SparseAdam"}
 
 _OPTIM_DB = {info.optim_cls.__name__: info for info in optim_db}
 
@@ -27,15 +29,65 @@ def optim_db_info(name: str) -> Any:
     return _OPTIM_DB[name]
 
 
+def harness_skip_reason(name: str) -> str | None:
+    """Why the hard-parameter harness (dense gradients, two param groups, ``step()`` without a closure)
+    cannot drive this algorithm, from optim_db's own flags; None where it can."""
+    info = _OPTIM_DB[name]
+    if info.only_supports_sparse_grads:
+        return f"{name} takes sparse gradients only: tests/test_sparse_adam.py runs its optim_db configurations"
+    if info.step_requires_closure or not info.supports_param_groups:
+        return f"{name} needs a closure and one param group: tests/test_lbfgs.py runs its optim_db configurations"
+    return None
+
+
+def complex_skip_reason(name: str) -> str | None:
+    """Why complex parameters are not compared (torch's class refuses them); None where they are."""
+    if not _OPTIM_DB[name].supports_complex:
+        return f"torch.optim.{name} does not support complex parameters (checked by the optim_db error inputs)"
+    return None
+
+
+def torch_loop_kwargs(name: str) -> dict[str, Any]:
+    """What selects torch's for-loop: ``foreach=False`` where the class has the flag (the others only loop)."""
+    takes_foreach = "foreach" in inspect.signature(getattr(torch.optim, name)).parameters
+    return {"foreach": False} if takes_foreach else {}
+
+
+def as_accepted_grad(name: str, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient in the layout the algorithm takes: sparse for one that takes sparse gradients only."""
+    return grad.to_sparse() if _OPTIM_DB[name].only_supports_sparse_grads else grad
+
+
+def small_model(name: str, in_features: int, out_features: int) -> torch.nn.Module:
+    """A Linear layer; for Muon, which takes matrices only, two bias-free ones."""
+    if name == "Muon":
+        return torch.nn.Sequential(torch.nn.Linear(in_features, 4, bias=False),
+                                   torch.nn.Linear(4, out_features, bias=False))
+    return torch.nn.Linear(in_features, out_features)
+
+
+#: Branches optim_db's configurations never reach within a test's ten steps, added as configurations.
+EXTRA_CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "Adam": [("tensor betas", {"betas": (torch.tensor(0.8), torch.tensor(0.95)), "amsgrad": True})],
+    "AdamW": [("tensor betas", {"betas": (torch.tensor(0.8), torch.tensor(0.95)), "amsgrad": True})],
+    # averaging starts after t0 steps (optim_db's smallest t0 is 100)
+    "ASGD": [("averaging from step 3", {"t0": 3, "lambd": 0.1, "alpha": 0.5})],
+    # step sizes that hit both clamps
+    "Rprop": [("tight step_sizes", {"lr": 0.05, "step_sizes": (0.02, 0.08)})],
+    # an explicit ε₁ (optim_db leaves it None)
+    "Adafactor": [("explicit eps1", {"eps": (1e-2, 1e-3), "lr": 0.05})],
+    "Muon": [("no nesterov", {"nesterov": False}), ("match_rms_adamw", {"adjust_lr_fn": "match_rms_adamw"})],
+}
+
+
 def optim_db_configs(name: str, dtype: torch.dtype = torch.float32) -> list[tuple[str, dict[str, Any]]]:
-    """torch's own test configurations for the algorithm on the CPU, plus a tensor lr for every one."""
+    """torch's own test configurations for the algorithm on the CPU, plus a tensor lr for every one and
+    the ``EXTRA_CONFIGS``."""
     info = _OPTIM_DB[name]
     configs = [(inp.desc, dict(inp.kwargs)) for inp in info.optim_inputs_func(device="cpu", dtype=dtype)]
     if not any(isinstance(kwargs.get("lr"), torch.Tensor) for _, kwargs in configs):
         configs.append(("tensor lr", {"lr": torch.tensor(0.01)}))
-    if name in ("Adam", "AdamW"):
-        configs.append(("tensor betas", {"betas": (torch.tensor(0.8), torch.tensor(0.95)), "amsgrad": True}))
-    return configs
+    return configs + EXTRA_CONFIGS.get(name, [])
 
 
 def cpu_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +120,27 @@ def hard_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     return params
 
 
+def hard_matrices(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """The hard parameter set for an algorithm that takes matrices only (Muon): tall, wide, a
+    non-contiguous (transposed) one, one that gets no gradient on some steps (index 3), a frozen one."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((5, 4), (3, 6), (6, 3), (2, 4), (3, 3))
+    params = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in shapes]
+    params[2] = params[2].t()
+    params = [p.detach().requires_grad_(i != 4) for i, p in enumerate(params)]
+    assert not params[2].is_contiguous()
+    return params
+
+
+#: Algorithms whose parameters must have a particular form, and the hard parameter set that has it.
+HARD_PARAMS: dict[str, Callable[[torch.dtype], list[torch.Tensor]]] = {"Muon": hard_matrices}
+
+
+def params_for(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The hard parameter set this algorithm accepts."""
+    return HARD_PARAMS.get(name, hard_params)(dtype)
+
+
 def hard_groups(params: list[torch.Tensor]) -> list[dict[str, Any]]:
     """Two groups; the second overrides lr and weight_decay."""
     return [{"params": params[:3]}, {"params": params[3:], "lr": 0.37, "weight_decay": 0.05}]
@@ -95,6 +168,13 @@ def _like(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same(actual: Any, expected: Any, what: str, *, exact: bool = True, atol: float = 0, rtol: float = 0) -> None:
+    """Equal values of the same type; tensors bit for bit (or within tolerance), lists item by item."""
+    if isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected), f"{what}: {type(actual).__name__} != {type(expected).__name__}"
+        assert len(actual) == len(expected), f"{what}: length {len(actual)} != {len(expected)}"
+        for index, (a, b) in enumerate(zip(actual, expected)):
+            assert_same(a, b, f"{what}[{index}]", exact=exact, atol=atol, rtol=rtol)
+        return
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual)}"
         assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
@@ -105,6 +185,7 @@ def assert_same(actual: Any, expected: Any, what: str, *, exact: bool = True, at
         else:
             torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
     else:
+        assert type(actual) is type(expected), f"{what}: {type(actual).__name__} != {type(expected).__name__}"
         assert actual == expected, f"{what}: {actual!r} != {expected!r}"
 
 
@@ -120,13 +201,14 @@ def assert_optimizers_equal(ours: torch.optim.Optimizer, theirs: torch.optim.Opt
 
 
 def run_side_by_side(name: str, kwargs: dict[str, Any], dtype: torch.dtype, steps: int = 10,
-                     make_params: Callable[[torch.dtype], list[torch.Tensor]] = hard_params,
+                     make_params: Callable[[torch.dtype], list[torch.Tensor]] | None = None,
                      ours_kwargs: dict[str, Any] | None = None, check_every_step: bool = True,
                      **tolerance: Any) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
     """Run ours and torch's for-loop on identical params and gradients; compare after every step."""
-    theirs_params = make_params(dtype)
+    theirs_params = make_params(dtype) if make_params is not None else params_for(name, dtype)
     ours_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in theirs_params]
-    theirs = getattr(torch.optim, name)(hard_groups(theirs_params), **cpu_kwargs(copy.deepcopy(kwargs)), foreach=False)
+    theirs = getattr(torch.optim, name)(hard_groups(theirs_params), **cpu_kwargs(copy.deepcopy(kwargs)),
+                                        **torch_loop_kwargs(name))
     ours = getattr(scratchopt, name)(hard_groups(ours_params), **cpu_kwargs(copy.deepcopy(kwargs)), **(ours_kwargs or {}))
     for step in range(steps):
         for p_ours, p_theirs, grad in zip(ours_params, theirs_params, gradients(theirs_params, step)):
