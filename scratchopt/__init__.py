@@ -4,6 +4,7 @@ Every optimizer is a drop-in :class:`torch.optim.Optimizer` with torch's signatu
 and errors, plus ``impl=`` to choose how its one ``update`` is executed.
 """
 
+from scratchopt._flat import contiguous_parameters
 from scratchopt.adadelta import Adadelta
 from scratchopt.adafactor import Adafactor
 from scratchopt.adagrad import Adagrad
@@ -23,4 +24,4 @@ from scratchopt.sgd import SGD
 from scratchopt.sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NesterovLookahead", "Newton", "Adamax", "NAdam", "RAdam",
-           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam"]
+           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam", "contiguous_parameters"]

@@ -203,9 +203,12 @@ class Program:
                 call = f"{ref(receiver)}.copy_({expression})" if inplace else expression
             else:
                 # A scalar is converted to the tensor's arithmetic type first, as ATen converts it.
+                # A number beside a tape scalar becomes a tensor too: torch has no overload that mixes
+                # them (``clamp_(tensor_min, 50)``).
                 opmath_name = dtype_name_of(_opmath(self.meta(receiver[1]).dtype), ref)
-                rendered = [_scalar_ref(a, ref, opmath_name) for a in args] + [
-                    f"{k}={_scalar_ref(v, ref, opmath_name)}" for k, v in kwargs]
+                on_tape = any(spec[0] == "s" for spec in [*args, *(v for _, v in kwargs)])
+                rendered = [_scalar_ref(a, ref, opmath_name, on_tape) for a in args] + [
+                    f"{k}={_scalar_ref(v, ref, opmath_name, on_tape)}" for k, v in kwargs]
                 call = f"{ref(receiver)}.{target}({', '.join(rendered)})"
             lines.append(f"    {call}" if out is None else f"    v{out} = {call}")
         lines.append("    return None")
@@ -255,8 +258,12 @@ class Program:
         return None
 
 
-def _scalar_ref(spec: Any, ref: Callable[[Any], str], opmath_name: str) -> str:
-    return f"{ref(spec)}.to({opmath_name})" if spec[0] == "s" else ref(spec)
+def _scalar_ref(spec: Any, ref: Callable[[Any], str], opmath_name: str, numbers_as_tensors: bool = False) -> str:
+    if spec[0] == "s":
+        return f"{ref(spec)}.to({opmath_name})"
+    if numbers_as_tensors and spec[0] == "c" and type(spec[1]) in (int, float):
+        return f"torch.tensor({spec[1]!r}, dtype={opmath_name})"
+    return ref(spec)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
