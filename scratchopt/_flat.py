@@ -27,10 +27,16 @@ from __future__ import annotations
 import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
 
 if TYPE_CHECKING:
     from scratchopt._base import ScratchOptimizer
@@ -69,39 +75,35 @@ def segment_view(flat: Tensor, offset: int, like: Tensor) -> Tensor:
 
 
 class MultiCopy:
-    """``torch._foreach_copy_(destinations, sources)`` over fixed destinations.
+    """``torch._foreach_copy_(destinations, sources)`` for lists of tensors of fixed sizes.
 
     On the CPU torch's multi-tensor copy runs tensor by tensor on one thread, about 2 µs per tensor: for
     thousands of small tensors that is most of an optimizer step. Split into one slice per thread it
     takes a fraction of that (each ``copy_`` releases the GIL).
     """
 
-    def __init__(self, destinations: list[Tensor]) -> None:
-        self.destinations = destinations
+    def __init__(self, like: list[Tensor]) -> None:
         threads = torch.get_num_threads()
-        total = sum(t.numel() for t in destinations)
-        splittable = (destinations[0].device.type == "cpu" and threads > 1
-                      and len(destinations) >= _MIN_TENSORS_TO_SPLIT
-                      and total < _ONE_THREAD_NUMEL * len(destinations))
-        self.slices = [slice(0, len(destinations))]
+        total = sum(t.numel() for t in like)
+        splittable = (like[0].device.type == "cpu" and threads > 1 and len(like) >= _MIN_TENSORS_TO_SPLIT
+                      and total < _ONE_THREAD_NUMEL * len(like))
+        self.slices = [slice(0, len(like))]
         if splittable:
             self.slices, start, done = [], 0, 0
-            for index, tensor in enumerate(destinations):
+            for index, tensor in enumerate(like):
                 done += tensor.numel()
-                if done * threads >= total * (len(self.slices) + 1) or index == len(destinations) - 1:
+                if done * threads >= total * (len(self.slices) + 1) or index == len(like) - 1:
                     self.slices.append(slice(start, index + 1))
                     start = index + 1
-        self.parts = [destinations[s] for s in self.slices]
 
-    def __call__(self, sources: list[Tensor] | tuple[Tensor, ...]) -> None:
+    def __call__(self, destinations: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
         if len(self.slices) == 1:
-            torch._foreach_copy_(self.destinations, sources)
+            torch._foreach_copy_(destinations, sources)
             return
         pool = _thread_pool(len(self.slices) - 1)
-        pending = [pool.submit(_copy_without_grad, part, sources[s])
-                   for part, s in zip(self.parts[1:], self.slices[1:])]
+        pending = [pool.submit(_copy_without_grad, destinations[s], sources[s]) for s in self.slices[1:]]
         try:
-            torch._foreach_copy_(self.parts[0], sources[self.slices[0]])
+            torch._foreach_copy_(destinations[self.slices[0]], sources[self.slices[0]])
         finally:
             for future in pending:
                 future.result()
@@ -126,42 +128,63 @@ def _consecutive_storage(params: list[Tensor]) -> Tensor | None:
     return flat.set_(storage, first.storage_offset(), (offset - first.storage_offset(),), (1,))
 
 
+def local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (a view of its storage), or the tensor itself."""
+    return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
+
+
+def sharded_like(view: Tensor, like: Tensor) -> Tensor:
+    """``view`` (a local shard) as a DTensor placed like ``like``, or ``view`` itself for a plain ``like``."""
+    if DTensor is None or not isinstance(like, DTensor):
+        return view
+    return DTensor.from_local(view, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
 class FlatState:
-    """The members of one group that share a device and a dtype, and their state in flat buffers."""
+    """The members of one group that share a device and a dtype, and their state in flat buffers.
+
+    Under FSDP2 the members are DTensors: everything here works on their local shards (an elementwise
+    update of each shard is the update of the whole), and the state handed to ``optimizer.state`` is
+    DTensors sharded like their params, as ``torch.distributed.checkpoint`` expects.
+    """
 
     def __init__(self, optimizer: ScratchOptimizer, members: list[Tensor], positions: list[int]) -> None:
         first = members[0]
         self.members, self.positions = members, positions
         self.take_grads = operator.itemgetter(*positions) if len(positions) > 1 else (
             lambda grads: (grads[positions[0]],))
+        self.sharded = DTensor is not None and isinstance(first, DTensor)
         self.dtype, self.device = first.dtype, first.device
+        shards = self.local_params()
         self.offsets, total = [], 0
-        for p in members:
+        for shard in shards:
             self.offsets.append(total)
-            total += p.numel()
+            total += shard.numel()
         self.numel = total
+        self.copy = MultiCopy(shards)
         # Zero copy when the params already lie back to back in one storage (contiguous_parameters).
-        self.flat_param = _consecutive_storage(members)
+        self.flat_param = None if self.sharded else _consecutive_storage(shards)
         self.contiguous = self.flat_param is not None
         if self.contiguous:
             self.data_ptrs = [p.data_ptr() for p in members]
         else:
             self.flat_param = torch.empty(total, dtype=self.dtype, device=self.device)
-            param_views = self._views(self.flat_param)
-            self.gather_params = MultiCopy(param_views)
-            self.scatter_params = MultiCopy(members)
-            self.param_views = param_views
+            self.param_views = self._views(self.flat_param, shards)
         self.flat_grad = torch.empty(total, dtype=self.dtype, device=self.device)
-        self.gather_grads = MultiCopy(self._views(self.flat_grad))
+        self.grad_views = self._views(self.flat_grad, shards)
         self.state_buffers: dict[str, Tensor] = {}
         self.scalar_buffers: dict[str, Tensor] = {}
-        self.adopted = self._adopt_state(optimizer)
+        self.adopted = self._adopt_state(optimizer, shards)
         self.uniform: bool | None = None
 
-    def _views(self, flat: Tensor) -> list[Tensor]:
-        return [segment_view(flat, offset, p) for p, offset in zip(self.members, self.offsets)]
+    def local_params(self) -> list[Tensor]:
+        return [p.to_local() for p in self.members] if self.sharded else self.members
 
-    def _adopt_state(self, optimizer: ScratchOptimizer) -> bool:
+    def _views(self, flat: Tensor, shards: list[Tensor]) -> list[Tensor]:
+        return [segment_view(flat, offset, shard) for shard, offset in zip(shards, self.offsets)]
+
+    def _adopt_state(self, optimizer: ScratchOptimizer, shards: list[Tensor]) -> bool:
         """Copy the members' state into flat buffers and make ``optimizer.state`` hold views of them.
 
         Returns False (and leaves the state as it is) when the members' states differ in keys, shapes,
@@ -180,17 +203,20 @@ class FlatState:
                 continue
             if key in optimizer.state_keys:
                 if not all(v.shape == p.shape and v.dtype == self.dtype and v.device == self.device
+                           and (DTensor is not None and isinstance(v, DTensor)) == self.sharded
                            for v, p in zip(values, self.members)):
                     return False
                 buffers[key] = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-            elif all(v.dim() == 0 and v.dtype == values[0].dtype and v.device == values[0].device for v in values):
+            elif all(v.dim() == 0 and type(v) is Tensor and v.dtype == values[0].dtype
+                     and v.device == values[0].device for v in values):
                 buffers[key] = torch.stack(values)
             else:
                 return False
         for key, buffer in buffers.items():
             if key in optimizer.state_keys:
-                views = self._views(buffer)
-                torch._foreach_copy_(views, [state[key] for state in states])
+                views = self._views(buffer, shards)
+                torch._foreach_copy_(views, [local(state[key]) for state in states])
+                views = [sharded_like(view, state[key]) for view, state in zip(views, states)]
                 self.state_buffers[key] = buffer
             else:
                 views = list(buffer.unbind())
@@ -213,19 +239,22 @@ class FlatState:
         """The zero-copy layout still covers the params (``model.to()`` or ``p.data = …`` re-point them)."""
         return not self.contiguous or list(map(Tensor.data_ptr, self.members)) == self.data_ptrs
 
-    def accepts(self, grads: tuple[Tensor, ...]) -> bool:
-        """The gradients can be gathered as they are: of the members' dtype and device (dense is checked
-        by the copy itself, which refuses a sparse source before writing to it)."""
-        return set(map(_dtype_of, grads)) == {self.dtype} and grads[0].device == self.device
+    def accepts(self, grads: Sequence[Tensor]) -> bool:
+        """The gradients can be gathered as they are: of the members' dtype and device, sharded like
+        them (dense is checked by the copy itself, which refuses a sparse source before writing)."""
+        if set(map(_dtype_of, grads)) != {self.dtype} or grads[0].device != self.device:
+            return False
+        return not self.sharded or all(
+            isinstance(g, DTensor) and g.placements == p.placements for g, p in zip(grads, self.members))
 
-    def gather(self, grads: tuple[Tensor, ...] | list[Tensor]) -> None:
-        self.gather_grads(grads)
+    def gather(self, grads: Sequence[Tensor]) -> None:
+        self.copy(self.grad_views, [g.to_local() for g in grads] if self.sharded else grads)
         if not self.contiguous:
-            self.gather_params(self.members)
+            self.copy(self.param_views, self.local_params())
 
     def scatter(self) -> None:
         if not self.contiguous:
-            self.scatter_params(self.param_views)
+            self.copy(self.local_params(), self.param_views)
 
     def advance_scalars(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> dict[str, Any]:
         """Run the algorithm's per-parameter bookkeeping (``step += 1`` …) once, for every member at once.

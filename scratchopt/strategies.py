@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from scratchopt import _compiled
-from scratchopt._flat import GroupLayout, is_dense
+from scratchopt._flat import DTensor, GroupLayout, is_dense
 from scratchopt._tensorlist import TensorList
 
 if TYPE_CHECKING:
@@ -137,6 +137,16 @@ def _as_1d(tensors: list[Tensor | None]) -> list[Tensor | None] | None:
     return [None if t is None else t.as_strided((t.numel(),), (1,), t.storage_offset()) for t in tensors]
 
 
+def _local_shards(tensors: list[Tensor | None]) -> list[Tensor | None]:
+    """DTensors placed alike (FSDP2's param, grad and state) as their local shards: an elementwise update
+    of each shard is the update of the whole. Tensors placed differently are kept as they are."""
+    present = [t for t in tensors if t is not None]
+    if DTensor is None or not isinstance(present[0], DTensor) or not all(
+            isinstance(t, DTensor) and t.placements == present[0].placements for t in present):
+        return tensors
+    return [None if t is None else t.to_local() for t in tensors]
+
+
 def run_compiled(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
     params = _params_with_grad(optimizer, group)
     if not params:
@@ -150,7 +160,7 @@ def run_compiled(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
         values = _prepare(optimizer, p, group)
         states = _state_tensors(optimizer, p)
         scalars = {**hyperparameters, **values}
-        views = _as_1d([p, p.grad, *states]) if p.grad.layout == torch.strided else None
+        views = _as_1d(_local_shards([p, p.grad, *states])) if p.grad.layout == torch.strided else None
         if views is not None:
             key = (tuple(sorted(values.items())), tuple(None if t is None else t.dtype for t in views))
             known = recordings.get(key, False)
