@@ -89,7 +89,9 @@ class ScratchOptimizer(Optimizer):
             # torch's differentiable path detaches and clones in algorithm-specific places; running our
             # update under autograd would give gradients that differ from torch's, so we refuse it.
             raise NotImplementedError("differentiable=True is not supported by scratchopt; use torch.optim")
-        self.impl = resolve_impl(impl, defaults.get("foreach"), defaults.get("fused"))
+        #: The strategy that runs: the one asked for, or "loop" for an algorithm that is not elementwise
+        #: (its update reduces over or reshapes a tensor, so it may not run on lists, buffers or kernels).
+        self.impl = resolve_impl(impl, defaults.get("foreach"), defaults.get("fused")) if self.elementwise else "loop"
         # torch's load_state_dict replaces the state tensors: flat layouts are rebuilt from the new ones.
         self.register_load_state_dict_post_hook(strategies.forget_layouts)
 

@@ -682,3 +682,16 @@ def test_contiguous_parameters_are_updated_without_copies(impl, monkeypatch):
         if step >= 6:
             assert copies == [6, 6, 6], f"step {step}: expected gradients, params in, params out: {copies}"
     _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+
+
+@pytest.mark.parametrize("impl", EXACT + COMPILED)
+def test_impl_says_what_runs(impl):
+    """An elementwise algorithm runs the strategy asked for; one that is not runs the loop, and says so."""
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    for name in implemented():
+        cls = getattr(scratchopt, name)
+        if name == "LBFGS":
+            with pytest.raises(ValueError, match="LBFGS runs only impl='loop'"):
+                cls(params, impl=impl)
+            continue
+        assert cls(params, impl=impl).impl == (impl if cls.elementwise else "loop"), name
