@@ -89,3 +89,17 @@ def test_toy_function_reproduces_the_seed_step_counts_it_can(report: Path) -> No
     assert counts.get("lookahead_from_-8", 34) == 34
     assert counts.get("lookahead_from_+8", 27) == 27
     assert counts["torch_nesterov_from_+8"] == 27
+
+
+def test_speed_section_shows_the_real_training_loop(report: Path) -> None:
+    """Section 4 leads with scratchopt bench's quick real-loop table: every model, every column timed or
+    its failure named, and the issue's targets."""
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
+    real_loop = results["sections"]["speed"]["real_loop"]
+    assert {row["workload"] for row in real_loop["rows"]} == {"mlp", "gpt", "tiny", "large"}
+    for row in real_loop["rows"]:
+        for column in real_loop["columns"]:
+            assert column in row["step_ms"] or column in row["failed"], (row["workload"], column)
+    assert real_loop["targets"]
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert "The optimizer step inside the training loop" in page
