@@ -5,6 +5,7 @@ and errors, plus ``impl=`` to choose how its one ``update`` is executed.
 """
 
 from scratchopt._flat import contiguous_parameters
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter
 from scratchopt.adadelta import Adadelta
 from scratchopt.adafactor import Adafactor
 from scratchopt.adagrad import Adagrad
@@ -16,6 +17,7 @@ from scratchopt.lbfgs import LBFGS
 from scratchopt.muon import Muon
 from scratchopt.nadam import NAdam
 from scratchopt.nesterov_lookahead import NesterovLookahead
+from scratchopt.overlap import step_in_backward
 from scratchopt.newton import Newton
 from scratchopt.radam import RAdam
 from scratchopt.rmsprop import RMSprop
@@ -24,4 +26,5 @@ from scratchopt.sgd import SGD
 from scratchopt.sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NesterovLookahead", "Newton", "Adamax", "NAdam", "RAdam",
-           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam", "contiguous_parameters"]
+           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam", "contiguous_parameters", "step_in_backward",
+           "ScratchOptimizer", "new_step_counter"]

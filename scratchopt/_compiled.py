@@ -396,6 +396,10 @@ def kernel_for(program: Program) -> Callable[..., Any] | None:
         return _KERNELS[key]
     except KeyError:
         pass
+    operation = _first_non_elementwise(program)
+    if operation is not None:
+        raise TypeError(f"an update declared elementwise calls {operation}, which is not elementwise; "
+                        "declare elementwise = False to run it per tensor")
     source, namespace = program.source()
     code = compile(source, f"<scratchopt kernel {len(_KERNELS)}>", "exec")
     exec(code, namespace)
@@ -466,3 +470,51 @@ def run(update: Callable[..., None], tensors: Sequence[Tensor | None], scalars: 
     kernel = kernel_for(program)
     kernel(*[t for t in tensors if t is not None], tape_tensor(program, first.device))
     return program
+
+
+# ------------------------------------------------------------------------------------------------------
+# Is an update elementwise? (a declaration is checked, not trusted)
+# ------------------------------------------------------------------------------------------------------
+
+_ELEMENTWISE = frozenset(
+    base + suffix
+    for base in (
+        "add", "sub", "mul", "div", "true_divide", "lerp", "addcmul", "addcdiv", "sqrt", "rsqrt", "reciprocal",
+        "neg", "abs", "sign", "sgn", "copy", "clone", "maximum", "minimum", "fmax", "fmin", "clamp",
+        "clamp_min", "clamp_max", "clip", "masked_fill", "where", "pow", "square", "exp", "expm1", "log",
+        "log1p", "log2", "sigmoid", "tanh", "sin", "cos", "atan2", "hypot", "fill", "zero", "to", "float",
+        "double", "half", "bfloat16", "type_as", "eq", "ne", "gt", "ge", "lt", "le", "logical_and",
+        "logical_or", "logical_not", "logical_xor", "isfinite", "isnan", "nan_to_num", "floor", "ceil",
+        "round", "trunc", "frac", "erf", "view_as_real", "view_as_complex", "conj", "real", "imag",
+    )
+    for suffix in ("", "_")
+) | frozenset(
+    f"__{name}__" for name in (
+        "neg", "pos", "abs", "add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow", "rpow",
+        "lt", "le", "gt", "ge", "eq", "ne", "and", "or", "invert",
+    )
+)
+
+
+def non_elementwise_operation(update: Callable[..., None], tensors: Sequence[Tensor | None],
+                              scalars: dict[str, Any]) -> str | None:
+    """The first operation of ``update`` that is not elementwise (a reduction, a reshape, anything that
+    mixes elements or reads tensor data into Python), described in words; None when there is none.
+
+    ``update`` runs on stand-ins, so nothing is computed or changed.
+    """
+    try:
+        program = record(update, tensors, scalars)
+    except NotCompilable as error:
+        return str(error)
+    except (AttributeError, TypeError) as error:  # .mT, @ and other operations a stand-in does not have
+        return f"an operation stand-ins do not support ({type(error).__name__}: {error})"
+    return _first_non_elementwise(program)
+
+
+def _first_non_elementwise(program: Program) -> str | None:
+    for kind, target, _, _, _ in program.ops:
+        name = target if kind == "m" else getattr(target, "__name__", repr(target))
+        if name not in _ELEMENTWISE:
+            return f"{'Tensor.' if kind == 'm' else 'torch.'}{name}"
+    return None

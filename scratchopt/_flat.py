@@ -39,7 +39,7 @@ except ImportError:  # a torch built without distributed support
     DTensor = None
 
 if TYPE_CHECKING:
-    from scratchopt._base import ScratchOptimizer
+    from scratchopt.optimizer import ScratchOptimizer
 
 #: ATen copies a tensor smaller than this on one thread (``at::internal::GRAIN_SIZE``).
 _ONE_THREAD_NUMEL = 32768
@@ -259,10 +259,10 @@ class FlatState:
     def advance_scalars(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> dict[str, Any]:
         """Run the algorithm's per-parameter bookkeeping (``step += 1`` …) once, for every member at once.
 
-        ``_prepare`` runs on the first member, whose scalars are element 0 of each buffer; the other
+        ``count_step`` runs on the first member, whose scalars are element 0 of each buffer; the other
         elements then take its new values (they were equal before: :meth:`check_uniform`).
         """
-        values = optimizer._prepare(self.members[0], group)
+        values = optimizer.count_step(self.members[0], group)
         for buffer in self.scalar_buffers.values():
             buffer.copy_(buffer[0].clone().expand_as(buffer))
         return values

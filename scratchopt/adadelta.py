@@ -37,9 +37,9 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter
-from scratchopt._checks import check_eps, check_lr, check_nonnegative, require
-from scratchopt._ops import as_real, zeros_like
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter
+from scratchopt.checks import check_eps, check_lr, check_nonnegative, require
+from scratchopt.ops import as_real, zeros_like
 
 
 def update(
@@ -109,7 +109,7 @@ class Adadelta(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": new_step_counter(param, group),
             "square_avg": zeros_like(param),

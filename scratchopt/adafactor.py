@@ -61,9 +61,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter
-from scratchopt._checks import check_one_element_lr, require_should_be
-from scratchopt._ops import zeros_like
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter
+from scratchopt.checks import check_one_element_lr, require_should_be
+from scratchopt.ops import zeros_like
 
 
 def rms(tensor: Tensor) -> float:
@@ -148,19 +148,19 @@ class Adafactor(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def _check_grad(self, param: Tensor) -> None:
+    def check_grad(self, param: Tensor) -> None:
         if param.is_complex():  # torch checks this before the layout of the gradient
             raise RuntimeError("Adafactor does not support complex parameters")
-        super()._check_grad(param)
+        super().check_grad(param)
 
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+    def update_arguments(self, group: dict[str, Any]) -> dict[str, Any]:
         eps1, eps2 = group["eps"]
         if eps1 is None:
             first = next((p for p in group["params"] if p.grad is not None), None)
             eps1 = None if first is None else torch.finfo(first.dtype).eps
-        return {**super()._hyperparameters(group), "eps1": eps1, "eps2": eps2}
+        return {**super().update_arguments(group), "eps1": eps1, "eps2": eps2}
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         grad = param.grad
         state: dict[str, Any] = {"step": new_step_counter(param, group)}
         if grad.dim() > 1:

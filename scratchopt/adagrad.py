@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter
-from scratchopt._checks import check_eps, check_lr, check_nonnegative
-from scratchopt._ops import as_real
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter
+from scratchopt.checks import check_eps, check_lr, check_nonnegative
+from scratchopt.ops import as_real
 
 SPARSE_WEIGHT_DECAY_ERROR = "weight_decay option is not compatible with sparse gradients"
 
@@ -64,7 +64,7 @@ def update(
     if maximize:
         grad = -grad  # g ← −g
     if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)  # g ← g + λθ (never sparse: see _check_inputs)
+        grad = grad.add(param, alpha=weight_decay)  # g ← g + λθ (never sparse: see check_inputs)
     clr = lr / (1 + (step - 1) * lr_decay)  # γ̃ ← γ/(1 + (t − 1)η)
     if grad.is_sparse:
         # Per-tensor only (a sparse gradient is one tensor; the foreach/flat strategies never see one).
@@ -127,10 +127,10 @@ class Adagrad(ScratchOptimizer):
         # torch creates Adagrad's state eagerly, for every parameter, at construction.
         for group in self.param_groups:
             for param in group["params"]:
-                self.state[param].update(self._init_state(param, group))
+                self.state[param].update(self.init_state(param, group))
 
-    def _check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        super()._check_inputs(group, params)
+    def check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        super().check_inputs(group, params)
         # torch raises this inside its loop, after updating the params before the sparse one; we raise
         # it before any change.
         if group["weight_decay"] != 0 and any(p.grad.is_sparse for p in params):
@@ -142,7 +142,7 @@ class Adagrad(ScratchOptimizer):
             for param in group["params"]:
                 self.state[param]["sum"].share_memory_()
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         tau = self.defaults["initial_accumulator_value"]  # torch reads the defaults, not the group
         init_value = complex(tau, tau) if param.is_complex() else tau
         return {

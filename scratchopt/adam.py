@@ -35,9 +35,9 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, squeeze_scalar
-from scratchopt._checks import check_betas, check_eps, check_lr, check_nonnegative, check_tensor_hyperparameter
-from scratchopt._ops import as_real, cast_like, zeros_like
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter, squeeze_scalar
+from scratchopt.checks import check_betas, check_eps, check_lr, check_nonnegative, check_tensor_hyperparameter
+from scratchopt.ops import as_real, cast_like, zeros_like
 
 
 def update(
@@ -80,6 +80,7 @@ class Adam(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+    split_keys = {"betas": ("beta1", "beta2")}
     group_defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "decoupled_weight_decay": False, "fused": None}
     sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
     update = staticmethod(update)
@@ -128,7 +129,7 @@ class Adam(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = {"step": new_step_counter(param, group), "exp_avg": zeros_like(param), "exp_avg_sq": zeros_like(param)}
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = zeros_like(param)

@@ -30,7 +30,7 @@ t          —                                ``step`` (0-d float32 tensor)
 θ̄          —                                ``ax``
 =========  ===============================  ==========================================
 
-ηₜ and μₜ are bookkeeping like ``step``, not state tensors of ``update``: :meth:`ASGD._prepare` reads them
+ηₜ and μₜ are bookkeeping like ``step``, not state tensors of ``update``: :meth:`ASGD.count_step` reads them
 as Python numbers (float32 values, as torch's ``.item()`` does), then stores ηₜ₊₁ and μₜ₊₁ for the next
 step, rounded through a tensor of the default dtype as torch rounds them. The update itself is
 elementwise, so ``impl`` may run it on lists, flat buffers or compiled kernels. As in torch, ``step``,
@@ -51,9 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, scalar_dtype, squeeze_scalar
-from scratchopt._checks import check_lr, check_nonnegative
-from scratchopt._ops import as_real, get_value, zeros_like
+from scratchopt.optimizer import ScratchOptimizer, scalar_dtype, squeeze_scalar
+from scratchopt.checks import check_lr, check_nonnegative
+from scratchopt.ops import as_real, get_value, zeros_like
 
 
 def update(
@@ -125,7 +125,7 @@ class ASGD(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         # torch keeps all three scalars on the parameter's device, capturable or not.
         def scalar(value: Any) -> Tensor:
             return torch.tensor(value, dtype=scalar_dtype(), device=param.device)
@@ -137,8 +137,8 @@ class ASGD(ScratchOptimizer):
             "ax": zeros_like(param),
         }
 
-    def _prepare(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        step = get_value(super()._prepare(param, group)["step"])  # t ← t + 1
+    def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        step = get_value(super().count_step(param, group)["step"])  # t ← t + 1
         state = self.state[param]
         eta, mu = state["eta"], state["mu"]
         values = {"eta": get_value(eta), "mu": get_value(mu)}  # ηₜ, μₜ, before they move on

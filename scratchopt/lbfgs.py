@@ -62,8 +62,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, squeeze_scalar
-from scratchopt._checks import check_lr
+from scratchopt.optimizer import ScratchOptimizer, squeeze_scalar
+from scratchopt.checks import check_lr
 from scratchopt.nesterov_lookahead import require_closure
 
 CURVATURE_THRESHOLD = 1e-10  # ys must exceed this for a pair (y, s) to be kept
@@ -287,7 +287,7 @@ class LBFGS(ScratchOptimizer):
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups): pass one group")
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"func_evals": 0, "n_iter": 0}
 
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
@@ -310,7 +310,7 @@ class LBFGS(ScratchOptimizer):
         tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
         line_search_fn, history_size = group["line_search_fn"], group["history_size"]
         state = self.state[params[0]]  # global state, kept on the first parameter as torch keeps it
-        for key, value in self._init_state(params[0], group).items():
+        for key, value in self.init_state(params[0], group).items():
             state.setdefault(key, value)
 
         def evaluate() -> tuple[Any, float, Tensor]:

@@ -55,9 +55,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer
-from scratchopt._checks import check_one_element_lr, require_should_be
-from scratchopt._ops import zeros_like
+from scratchopt.optimizer import ScratchOptimizer
+from scratchopt.checks import check_one_element_lr, require_should_be
+from scratchopt.ops import zeros_like
 
 #: Jordan et al.'s quintic coefficients (a, b, c): the largest slope at zero that still converges.
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -171,10 +171,10 @@ class Muon(ScratchOptimizer):
                         f"{param.size()}; optimize the others (biases, embeddings …) with another optimizer"
                     )
 
-    def _check_grad(self, param: Tensor) -> None:
+    def check_grad(self, param: Tensor) -> None:
         if param.is_complex():  # torch checks this before the layout of the gradient
             raise RuntimeError("Muon does not support complex parameters")
-        super()._check_grad(param)
+        super().check_grad(param)
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"momentum_buffer": zeros_like(param.grad)}

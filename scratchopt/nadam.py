@@ -32,7 +32,7 @@ v          —                                ``exp_avg_sq``
 =========  ===============================  ================================
 
 Πₜ is not a state tensor of ``update``: like ``step`` it is bookkeeping, multiplied by μₜ in
-:meth:`NAdam._prepare` and handed to ``update`` as a per-parameter scalar (a Python number in the loop).
+:meth:`NAdam.count_step` and handed to ``update`` as a per-parameter scalar (a Python number in the loop).
 It is stored as a float32 0-d tensor and so rounded to float32 at every step, as torch does; the step
 sizes above are then computed from it in Python float64.
 
@@ -50,9 +50,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, scalar_dtype
-from scratchopt._checks import check_betas, check_eps, check_lr, check_nonnegative
-from scratchopt._ops import as_real, get_value, zeros_like
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter, scalar_dtype
+from scratchopt.checks import check_betas, check_eps, check_lr, check_nonnegative
+from scratchopt.ops import as_real, get_value, zeros_like
 
 
 def momentum_cache(beta1: Any, step: Any, momentum_decay: float) -> Any:
@@ -102,6 +102,7 @@ class NAdam(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq")
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
+    split_keys = {"betas": ("beta1", "beta2")}
     group_defaults = {"maximize": False, "foreach": None, "capturable": False, "differentiable": False, "decoupled_weight_decay": False}
     scalar_state_keys = ("step", "mu_product")
     sparse_error = "NAdam does not support sparse gradients"
@@ -143,7 +144,7 @@ class NAdam(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         # mu_product lives where step lives: on the CPU unless capturable.
         mu_product = (
             torch.ones((), dtype=scalar_dtype(), device=param.device)
@@ -157,8 +158,8 @@ class NAdam(ScratchOptimizer):
             "exp_avg_sq": zeros_like(param),
         }
 
-    def _prepare(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        prepared = super()._prepare(param, group)  # t ← t + 1
+    def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        prepared = super().count_step(param, group)  # t ← t + 1
         mu_product = self.state[param]["mu_product"]
         # torch reads t as a Python number to compute μₜ, then multiplies the tensor in place.
         mu = momentum_cache(group["betas"][0], get_value(prepared["step"]), group["momentum_decay"])  # μₜ

@@ -53,9 +53,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer
-from scratchopt._checks import check_lr, require
-from scratchopt._ops import zeros_like
+from scratchopt.optimizer import ScratchOptimizer
+from scratchopt.checks import check_lr, require
+from scratchopt.ops import zeros_like
 
 
 def lookahead(param: Tensor, momentum_buffer: Tensor, *, momentum: float) -> None:
@@ -92,10 +92,10 @@ class NesterovLookahead(ScratchOptimizer):
         require(0.0 <= momentum < 1.0, "momentum value", momentum, "0 <= momentum < 1")
         super().__init__(params, {"lr": lr, "momentum": momentum})
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"momentum_buffer": zeros_like(param)}
 
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+    def update_arguments(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"lr": _python_scalar(group["lr"]), "momentum": _python_scalar(group["momentum"])}
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -121,5 +121,5 @@ class NesterovLookahead(ScratchOptimizer):
             with torch.no_grad():
                 for p, theta in saved:
                     p.copy_(theta)  # exact restore of θ
-        self._apply_updates()
+        self.apply_updates()
         return loss

@@ -71,8 +71,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer
-from scratchopt._checks import require
+from scratchopt.optimizer import ScratchOptimizer
+from scratchopt.checks import require
 from scratchopt.nesterov_lookahead import require_closure
 
 _DAMPING_HINT = "pass damping > 0 (for example damping=1e-3) to regularise the Hessian as H + damping·I"

@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter, squeeze_scalar
-from scratchopt._checks import check_lr, require
-from scratchopt._ops import as_real, get_value, zeros_like
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter, squeeze_scalar
+from scratchopt.checks import check_lr, require
+from scratchopt.ops import as_real, get_value, zeros_like
 
 
 def update(
@@ -110,7 +110,7 @@ class Rprop(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         lr = get_value(squeeze_scalar(group["lr"]))
         # A complex parameter is two real ones: its imaginary part starts with the same Δ.
         initial = complex(lr, lr) if param.is_complex() else lr
@@ -120,6 +120,6 @@ class Rprop(ScratchOptimizer):
             "step_size": torch.full_like(param.grad, initial, memory_format=torch.preserve_format),
         }
 
-    def _prepare(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        super()._prepare(param, group)  # t ← t + 1: torch counts it, the update does not use it
+    def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        super().count_step(param, group)  # t ← t + 1: torch counts it, the update does not use it
         return {}

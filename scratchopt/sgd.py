@@ -37,9 +37,9 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer
-from scratchopt._checks import check_lr, check_nonnegative
-from scratchopt._ops import zeros_like
+from scratchopt.optimizer import ScratchOptimizer
+from scratchopt.checks import check_lr, check_nonnegative
+from scratchopt.ops import zeros_like
 
 
 def update(
@@ -114,7 +114,7 @@ class SGD(ScratchOptimizer):
             )
         super().__init__(params, defaults, impl)
 
-    def _prepare(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         # torch keeps no state at all without momentum, and none before the buffer's first step.
         if group["momentum"] == 0:
             return {"momentum_buffer_is_new": False}

@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer
-from scratchopt._checks import check_betas, check_one_element_lr, require
-from scratchopt._ops import zeros_like
+from scratchopt.optimizer import ScratchOptimizer
+from scratchopt.checks import check_betas, check_one_element_lr, require
+from scratchopt.ops import zeros_like
 
 
 def update(
@@ -95,6 +95,7 @@ class SparseAdam(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq")
     hyperparameter_keys = ("lr", "betas", "eps", "maximize")
+    split_keys = {"betas": ("beta1", "beta2")}
     scalar_state_keys = ()  # torch keeps ``step`` a Python int here
     update = staticmethod(update)
     elementwise = False
@@ -127,9 +128,9 @@ class SparseAdam(ScratchOptimizer):
         if complex_:
             raise ValueError(f"Complex params at indices {complex_}: SparseAdam does not support complex parameters")
 
-    def _check_grad(self, param: Tensor) -> None:
+    def check_grad(self, param: Tensor) -> None:
         if not param.grad.is_sparse:
             raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam instead")
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"step": 0, "exp_avg": zeros_like(param), "exp_avg_sq": zeros_like(param)}

@@ -48,7 +48,7 @@ from scratchopt._flat import DTensor, GroupLayout, is_dense
 from scratchopt._tensorlist import TensorList
 
 if TYPE_CHECKING:
-    from scratchopt._base import ScratchOptimizer
+    from scratchopt.optimizer import ScratchOptimizer
 
 def _python_scalar(value: Any) -> Any:
     return value.item() if isinstance(value, Tensor) else value
@@ -58,7 +58,7 @@ def _params_with_grad(optimizer: ScratchOptimizer, group: dict[str, Any]) -> lis
     """The params this step updates, checked (torch's errors, raised before anything changes)."""
     params = [p for p in group["params"] if p.grad is not None]
     if params:
-        optimizer._check_inputs(group, params)
+        optimizer.check_inputs(group, params)
     return params
 
 
@@ -67,8 +67,8 @@ def _state_tensors(optimizer: ScratchOptimizer, param: Tensor) -> list[Tensor | 
     return [state.get(key) for key in optimizer.state_keys]
 
 
-def _prepare(optimizer: ScratchOptimizer, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-    return {name: _python_scalar(value) for name, value in optimizer._prepare(param, group).items()}
+def _count_step(optimizer: ScratchOptimizer, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    return {name: _python_scalar(value) for name, value in optimizer.count_step(param, group).items()}
 
 
 def _has_duplicates(params: list[Tensor]) -> bool:
@@ -78,19 +78,19 @@ def _has_duplicates(params: list[Tensor]) -> bool:
 def _loop(optimizer: ScratchOptimizer, group: dict[str, Any], params: list[Tensor],
           hyperparameters: dict[str, Any]) -> None:
     for param in params:
-        values = _prepare(optimizer, param, group)
+        values = _count_step(optimizer, param, group)
         optimizer.update(param, param.grad, *_state_tensors(optimizer, param), **hyperparameters, **values)
 
 
 def run_loop(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
     params = _params_with_grad(optimizer, group)
     if params:
-        _loop(optimizer, group, params, optimizer._hyperparameters(group))
+        _loop(optimizer, group, params, optimizer.update_arguments(group))
 
 
-def _foreach_prepared(optimizer: ScratchOptimizer, hyperparameters: dict[str, Any], params: list[Tensor],
+def _foreach_counted(optimizer: ScratchOptimizer, hyperparameters: dict[str, Any], params: list[Tensor],
                       values: dict[Tensor, dict[str, Any]]) -> None:
-    """``update`` on lists, one per bucket of params whose ``_prepare`` already ran and agreed."""
+    """``update`` on lists, one per bucket of params whose ``count_step`` already ran and agreed."""
     buckets: dict[tuple, list[Tensor]] = {}
     for p in params:
         states = _state_tensors(optimizer, p)
@@ -110,15 +110,15 @@ def _foreach(optimizer: ScratchOptimizer, group: dict[str, Any], params: list[Te
     if sparse:
         _loop(optimizer, group, sparse, hyperparameters)
         params = [p for p in params if p.grad.layout == torch.strided]
-    values = {p: _prepare(optimizer, p, group) for p in params}
-    _foreach_prepared(optimizer, hyperparameters, params, values)
+    values = {p: _count_step(optimizer, p, group) for p in params}
+    _foreach_counted(optimizer, hyperparameters, params, values)
 
 
 def run_foreach(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
     params = _params_with_grad(optimizer, group)
     if not params:
         return
-    hyperparameters = optimizer._hyperparameters(group)
+    hyperparameters = optimizer.update_arguments(group)
     if not optimizer.elementwise or _has_duplicates(params):
         _loop(optimizer, group, params, hyperparameters)
     else:
@@ -151,13 +151,13 @@ def run_compiled(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
     params = _params_with_grad(optimizer, group)
     if not params:
         return
-    hyperparameters = optimizer._hyperparameters(group)
+    hyperparameters = optimizer.update_arguments(group)
     if not optimizer.elementwise:
         _loop(optimizer, group, params, hyperparameters)
         return
     recordings: dict[tuple, _compiled.Program | None] = {}
     for p in params:
-        values = _prepare(optimizer, p, group)
+        values = _count_step(optimizer, p, group)
         states = _state_tensors(optimizer, p)
         scalars = {**hyperparameters, **values}
         views = _as_1d(_local_shards([p, p.grad, *states])) if p.grad.layout == torch.strided else None
@@ -195,7 +195,7 @@ def _flat_fast_step(optimizer: ScratchOptimizer, group: dict[str, Any], compiled
             flat.gather(flat_grads)
     except RuntimeError:  # a sparse gradient: copy_ refuses it before writing; the slow path handles it
         return False
-    hyperparameters = optimizer._hyperparameters(group)
+    hyperparameters = optimizer.update_arguments(group)
     for flat in layout.flats:
         values = {k: _python_scalar(v) for k, v in flat.advance_scalars(optimizer, group).items()}
         tensors = [flat.flat_param, flat.flat_grad, *flat.state_arguments(optimizer)]
@@ -226,14 +226,14 @@ def _run_flat(optimizer: ScratchOptimizer, group: dict[str, Any], compiled: bool
     params = _params_with_grad(optimizer, group)
     if not params:
         return
-    hyperparameters = optimizer._hyperparameters(group)
+    hyperparameters = optimizer.update_arguments(group)
     if not optimizer.elementwise or _has_duplicates(params):
         _loop(optimizer, group, params, hyperparameters)
         return
     dense = [p for p in params if p.grad.layout == torch.strided]
     if len(dense) < len(params):
         _loop(optimizer, group, [p for p in params if p.grad.layout != torch.strided], hyperparameters)
-    values = {p: _prepare(optimizer, p, group) for p in dense}
+    values = {p: _count_step(optimizer, p, group) for p in dense}
     layout = _current_layout(optimizer, group, dense)
     for flat in layout.flats:
         present = [p for p in flat.members if p in values]
@@ -244,7 +244,7 @@ def _run_flat(optimizer: ScratchOptimizer, group: dict[str, Any], compiled: bool
             _update_buffers(optimizer, tensors, {**hyperparameters, **first}, compiled)
             flat.scatter()
         elif present:
-            _foreach_prepared(optimizer, hyperparameters, present, values)
+            _foreach_counted(optimizer, hyperparameters, present, values)
         flat.uniform = None
 
 

@@ -110,7 +110,7 @@ def _side_by_side(name: str, kwargs: dict, dtype: torch.dtype, impl: str, steps:
 
 def test_every_algorithm_declares_whether_it_is_elementwise():
     """Each algorithm says it, rather than inheriting the base class's safe default by omission."""
-    from scratchopt._base import ScratchOptimizer
+    from scratchopt.optimizer import ScratchOptimizer
 
     for name in implemented():
         declared = [c for c in getattr(scratchopt, name).__mro__ if "elementwise" in vars(c)]
@@ -599,14 +599,14 @@ def test_a_parameter_listed_twice_is_updated_twice_as_by_the_loop(impl):
 
 @pytest.mark.parametrize("impl", ["flat", "fused"])
 def test_a_steady_step_prepares_once_per_buffer_not_per_parameter(impl, monkeypatch):
-    """The steady state does a constant number of Python-level operations per group: ``_prepare`` (the
+    """The steady state does a constant number of Python-level operations per group: ``count_step`` (the
     step counters) and ``update`` run once per buffer, however many parameters there are."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(40)])
     optimizer = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
     x = torch.randn(3, 4)
     calls = {"prepare": 0, "update": 0}
-    prepare, update = scratchopt.Adam._prepare, scratchopt.Adam.update
+    prepare, update = scratchopt.Adam.count_step, scratchopt.Adam.update
 
     def count_prepare(self, *args, **kwargs):
         calls["prepare"] += 1
@@ -618,7 +618,7 @@ def test_a_steady_step_prepares_once_per_buffer_not_per_parameter(impl, monkeypa
 
     for step in range(4):
         if step == 2:
-            monkeypatch.setattr(scratchopt.Adam, "_prepare", count_prepare)
+            monkeypatch.setattr(scratchopt.Adam, "count_step", count_prepare)
             monkeypatch.setattr(scratchopt.Adam, "update", staticmethod(count_update))
         optimizer.zero_grad()
         model(x).square().mean().backward()

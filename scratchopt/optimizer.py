@@ -1,16 +1,41 @@
-"""The base class every scratchopt algorithm derives from.
+"""The base class of every scratchopt algorithm, and the protocol for writing your own.
 
-An algorithm module supplies three small things and nothing about execution:
+An algorithm says what its math is and nothing about how it is executed. A subclass of
+:class:`ScratchOptimizer` supplies:
 
-* ``update(param, grad, *state_tensors, **scalars)`` — the math, written once with Tensor methods
-  (``add_``, ``mul_``, ``lerp_``, ``addcmul_``, ``addcdiv_``, ``sqrt`` …) and Python arithmetic on the
-  scalars, so that a strategy can hand it a single tensor, a list of tensors or one flat buffer;
-* ``state_keys`` — the names of the per-parameter state tensors, in the order ``update`` takes them;
-* ``_init_state`` / ``_hyperparameters`` — torch's lazy state initialisation and the group's
-  hyperparameters, read afresh at every step so schedulers and edited ``param_groups`` take effect.
+``update(param, grad, *state_tensors, **arguments)`` (a static method)
+    The math of one step, written once with Tensor methods (``add_``, ``mul_``, ``lerp_``, ``addcmul_``,
+    ``addcdiv_``, ``sqrt`` …) and Python arithmetic on the scalar arguments. A strategy hands it one
+    tensor (``impl="loop"``), lists of tensors (``"foreach"``), one flat buffer per group (``"flat"``) or
+    stand-ins it compiles into a kernel (``"compiled"``, ``"fused"``), so it must not read tensor data
+    into Python (no ``.item()``, no ``if (x > 0).any()``).
+``state_keys``
+    The names of the per-parameter state tensors, in the order ``update`` takes them (None is passed
+    for a key a parameter's state does not have, such as ``max_exp_avg_sq`` without AMSGrad).
+``init_state(param, group)``
+    The state of a parameter at its first step, keyed as torch keys it: the state tensors and the
+    per-parameter scalars such as ``step`` (:func:`new_step_counter`).
+``hyperparameter_keys`` and ``split_keys``
+    Which group keys become keyword arguments of ``update`` (read afresh at every step, so schedulers
+    and edited ``param_groups`` take effect): by the same name, or split (``{"betas": ("beta1",
+    "beta2")}``). Override :meth:`ScratchOptimizer.update_arguments` for anything else.
+``count_step(param, group)`` (optional)
+    The per-parameter bookkeeping of a step and the per-parameter scalars ``update`` takes. The default
+    counts ``state["step"]`` and passes it as ``step``; NAdam also advances its μ product here. Under
+    the flat strategies it runs once per buffer for every parameter at once.
+``elementwise``
+    True when ``update`` treats every element independently (no reductions, no reshapes, no mixing of
+    elements), so it may run on lists, concatenated buffers and compiled kernels. False (the default)
+    runs the per-tensor loop under every ``impl``, and ``optimizer.impl`` then says ``"loop"``.
+``sparse_error``, ``group_defaults``, ``scalar_state_keys``
+    torch's error for a sparse gradient (None where sparse gradients are taken), the group keys torch's
+    ``__setstate__`` fills in, and the 0-d state an older torch saved as Python numbers.
 
-:class:`ScratchOptimizer` (a real :class:`torch.optim.Optimizer`) owns the rest: which parameters take
-part in a step, ``step`` counting, complex parameters, the closure, and the strategy chosen with ``impl=``.
+The validators in :mod:`scratchopt.checks` raise torch's exception types with messages naming the
+argument and its range; :mod:`scratchopt.ops` has the few helpers an ``update`` may need besides Tensor
+methods. :class:`ScratchOptimizer` (a real :class:`torch.optim.Optimizer`) owns the rest: which params
+take part in a step, the checks made before anything changes, the closure, hooks, ``state_dict`` and
+the strategy chosen with ``impl=``.
 """
 
 from __future__ import annotations
@@ -22,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from scratchopt import strategies
+from scratchopt import _compiled, strategies
 
 
 def scalar_dtype(fused: bool | None = False) -> torch.dtype:
@@ -64,8 +89,11 @@ class ScratchOptimizer(Optimizer):
     """A :class:`torch.optim.Optimizer` whose subclasses define only the math of one algorithm."""
 
     state_keys: ClassVar[tuple[str, ...]] = ()
-    #: Group keys whose values ``update`` takes by the same name (``betas`` arrives as beta1, beta2).
+    #: Group keys whose values ``update`` takes as keyword arguments, by the same name unless split.
     hyperparameter_keys: ClassVar[tuple[str, ...]] = ()
+    #: Group keys holding a tuple that ``update`` takes as separate arguments: ``{"betas": ("beta1",
+    #: "beta2")}`` passes ``group["betas"][0]`` as ``beta1`` and ``group["betas"][1]`` as ``beta2``.
+    split_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Group keys torch fills in when it loads a state_dict saved by an older version (``__setstate__``).
     group_defaults: ClassVar[dict[str, Any]] = {}
     #: 0-d state tensors an older version saved as Python numbers.
@@ -94,6 +122,34 @@ class ScratchOptimizer(Optimizer):
         self.impl = resolve_impl(impl, defaults.get("foreach"), defaults.get("fused")) if self.elementwise else "loop"
         # torch's load_state_dict replaces the state tensors: flat layouts are rebuilt from the new ones.
         self.register_load_state_dict_post_hook(strategies.forget_layouts)
+        if self.elementwise:
+            self._check_elementwise_declaration()
+
+    def _check_elementwise_declaration(self) -> None:
+        """Run ``update`` on stand-ins, as its first step would run, and refuse a false declaration.
+
+        A reduction or a reshape on a buffer that concatenates many tensors, or on a tensor viewed as 1-d,
+        gives silently wrong numbers; so ``elementwise = True`` is checked here, before any step, and the
+        compiled strategies check every new program again.
+        """
+        for group in self.param_groups:
+            if not group["params"]:
+                continue
+            first = group["params"][0]
+            probe = torch.zeros(2, dtype=first.dtype, device=first.device)
+            probe.grad = torch.zeros_like(probe)
+            arguments = self.count_step(probe, group)
+            state = self.state.pop(probe, {})
+            tensors = [probe, probe.grad, *[state.get(key) for key in self.state_keys]]
+            scalars = {**self.update_arguments(group), **{k: v.item() if isinstance(v, Tensor) else v
+                                                            for k, v in arguments.items()}}
+            operation = _compiled.non_elementwise_operation(self.update, tensors, scalars)
+            if operation is not None:
+                raise TypeError(
+                    f"{type(self).__name__} declares elementwise = True, but its update calls {operation}, "
+                    "which is not elementwise (it reduces, reshapes, mixes elements or reads tensor data); "
+                    "declare elementwise = False to run it per tensor under every impl"
+                )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -107,7 +163,7 @@ class ScratchOptimizer(Optimizer):
                     if key in param_state and not torch.is_tensor(param_state[key]):
                         param_state[key] = new_step_counter(param, group).fill_(float(param_state[key]))
 
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+    def update_arguments(self, group: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of ``update`` that come from the param group, read afresh at every step.
 
         A 1-element tensor hyperparameter is squeezed to 0-d and otherwise passed as it is (not as a
@@ -115,17 +171,18 @@ class ScratchOptimizer(Optimizer):
         """
         values: dict[str, Any] = {}
         for key in self.hyperparameter_keys:
-            if key == "betas":
-                values["beta1"], values["beta2"] = (squeeze_scalar(beta) for beta in group["betas"])
-            else:
+            names = self.split_keys.get(key)
+            if names is None:
                 values[key] = squeeze_scalar(group[key])
+            else:
+                values.update(zip(names, map(squeeze_scalar, group[key]), strict=True))
         return values
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The state of a parameter at its first step, keyed as torch keys it."""
         raise NotImplementedError
 
-    def _prepare(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """Initialise state lazily, count the step, return the per-parameter arguments of ``update``.
 
         Values returned as 0-d tensors are converted by the strategy (a Python number in the loop, as
@@ -133,18 +190,18 @@ class ScratchOptimizer(Optimizer):
         """
         state = self.state[param]
         if len(state) == 0:
-            state.update(self._init_state(param, group))
+            state.update(self.init_state(param, group))
         if "step" not in state:
             return {}
         state["step"] += 1
         return {"step": state["step"]}
 
-    def _check_grad(self, param: Tensor) -> None:
+    def check_grad(self, param: Tensor) -> None:
         """Raise torch's error for a gradient this algorithm refuses (sparse ones, unless it takes them)."""
         if param.grad.is_sparse and self.sparse_error is not None:
             raise RuntimeError(self.sparse_error)
 
-    def _check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Check the params a step will update, before it changes anything.
 
         Besides the gradients, each state tensor must still have its parameter's dtype and device. After
@@ -153,7 +210,7 @@ class ScratchOptimizer(Optimizer):
         instead, and ``optimizer.load_state_dict(optimizer.state_dict())`` casts the state like the params.
         """
         for index, param in enumerate(params):
-            self._check_grad(param)
+            self.check_grad(param)
             state = self.state.get(param)
             if not state:
                 continue
@@ -167,7 +224,7 @@ class ScratchOptimizer(Optimizer):
                         "optimizer.load_state_dict(optimizer.state_dict()) casts the state like the parameters"
                     )
 
-    def _apply_updates(self) -> None:
+    def apply_updates(self) -> None:
         """Update every group with the strategy ``self.impl`` (under ``torch.no_grad()``)."""
         with torch.no_grad():
             for group in self.param_groups:
@@ -179,7 +236,7 @@ class ScratchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._apply_updates()
+        self.apply_updates()
         return loss
 
     def __getstate__(self) -> dict[str, Any]:
