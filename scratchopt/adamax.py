@@ -34,9 +34,9 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt._base import ScratchOptimizer, new_step_counter
-from scratchopt._checks import check_betas, check_eps, check_lr, check_nonnegative
-from scratchopt._ops import as_real, zeros_like
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter
+from scratchopt.checks import check_betas, check_eps, check_lr, check_nonnegative
+from scratchopt.ops import as_real, zeros_like
 
 
 def update(
@@ -68,6 +68,7 @@ class Adamax(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_inf")
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "maximize")
+    split_keys = {"betas": ("beta1", "beta2")}
     group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
     sparse_error = "Adamax does not support sparse gradients"
     update = staticmethod(update)
@@ -103,5 +104,5 @@ class Adamax(ScratchOptimizer):
         }
         super().__init__(params, defaults, impl)
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"step": new_step_counter(param, group), "exp_avg": zeros_like(param), "exp_inf": zeros_like(param)}
