@@ -14,6 +14,7 @@ from scratchopt.adamax import Adamax
 from scratchopt.adamw import AdamW
 from scratchopt.asgd import ASGD
 from scratchopt.lbfgs import LBFGS
+from scratchopt.lion import Lion
 from scratchopt.muon import Muon
 from scratchopt.nadam import NAdam
 from scratchopt.nesterov_lookahead import NesterovLookahead
@@ -26,5 +27,5 @@ from scratchopt.sgd import SGD
 from scratchopt.sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NesterovLookahead", "Newton", "Adamax", "NAdam", "RAdam",
-           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam", "contiguous_parameters", "step_in_backward",
+           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam", "Lion", "contiguous_parameters", "step_in_backward",
            "ScratchOptimizer", "new_step_counter"]

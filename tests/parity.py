@@ -11,6 +11,8 @@ import torch
 from torch.testing._internal.common_optimizers import optim_db
 
 import scratchopt
+from scratchopt.testing import grad_like as _like
+from scratchopt.testing import gradients, hard_groups, hard_params
 
 #: Every torch.optim twin scratchopt implements, by class name.
 ALGORITHMS = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
@@ -95,31 +97,6 @@ def cpu_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in ("foreach", "fused", "capturable", "differentiable")}
 
 
-def hard_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    """The hard parameter set: a matrix, a 0-d param, a non-contiguous view, a bias, a frozen param.
-
-    The bias (index 3) gets no gradient on some steps; the frozen param (index 4) never gets one.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int) -> torch.Tensor:
-        real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
-        if dtype.is_complex:
-            return torch.complex(torch.randn(shape, generator=gen, dtype=real_dtype),
-                                 torch.randn(shape, generator=gen, dtype=real_dtype))
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    matrix = rand(5, 4)
-    scalar = rand()
-    non_contiguous = rand(6, 3).t()
-    bias = rand(4)
-    frozen = rand(3)
-    params = [matrix, scalar, non_contiguous, bias, frozen]
-    params = [p.detach().requires_grad_(i != 4) for i, p in enumerate(params)]
-    assert not params[2].is_contiguous()
-    return params
-
-
 def hard_matrices(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     """The hard parameter set for an algorithm that takes matrices only (Muon): tall, wide, a
     non-contiguous (transposed) one, one that gets no gradient on some steps (index 3), a frozen one."""
@@ -139,32 +116,6 @@ HARD_PARAMS: dict[str, Callable[[torch.dtype], list[torch.Tensor]]] = {"Muon": h
 def params_for(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
     """The hard parameter set this algorithm accepts."""
     return HARD_PARAMS.get(name, hard_params)(dtype)
-
-
-def hard_groups(params: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """Two groups; the second overrides lr and weight_decay."""
-    return [{"params": params[:3]}, {"params": params[3:], "lr": 0.37, "weight_decay": 0.05}]
-
-
-def gradients(params: list[torch.Tensor], step: int, seed: int = 1) -> list[torch.Tensor | None]:
-    gen = torch.Generator().manual_seed(seed * 1000 + step)
-    grads: list[torch.Tensor | None] = []
-    for index, p in enumerate(params):
-        if not p.requires_grad or (index == 3 and step % 3 == 1):
-            grads.append(None)
-            continue
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        if p.is_complex():
-            noise = torch.complex(noise, torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        grads.append(_like(noise.to(p.dtype) + 0.1 * p.detach(), p))
-    return grads
-
-
-def _like(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A gradient laid out like the param (autograd gives a non-contiguous param a matching grad)."""
-    out = torch.empty_like(p, memory_format=torch.preserve_format)
-    out.copy_(values)
-    return out
 
 
 def assert_same(actual: Any, expected: Any, what: str, *, exact: bool = True, atol: float = 0, rtol: float = 0) -> None:

@@ -23,7 +23,6 @@ import copy
 import pytest
 import torch
 from parity import (
-    _like,
     cpu_kwargs,
     gradients,
     hard_groups,
@@ -35,72 +34,26 @@ from torch import nn
 
 import scratchopt
 from scratchopt import _compiled
+from scratchopt.testing import (
+    COMPILED_IMPLS,
+    EXACT_IMPLS,
+    assert_close,
+    assert_same_state,
+    compare_with_loop,
+)
 
 #: The strategies differ only for elementwise algorithms; the others run the loop under every impl
 #: (test_non_elementwise_algorithms_run_the_loop).
 ALGORITHMS = [name for name in implemented() if getattr(scratchopt, name).elementwise]
-EXACT = ("foreach", "flat")
-COMPILED = ("compiled", "fused")
+EXACT = EXACT_IMPLS
+COMPILED = COMPILED_IMPLS
 DTYPES = (torch.float32, torch.float64)
-FEW_ULP = 8
-
-
-def _ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> int:
-    """Largest distance in units in the last place between two float tensors (0 when equal)."""
-    if actual.numel() == 0:
-        return 0
-    if actual.is_complex():
-        return max(_ulp_distance(torch.view_as_real(actual), torch.view_as_real(expected)), 0)
-    bits = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64),
-            torch.float16: (torch.int16, 16), torch.bfloat16: (torch.int16, 16)}
-    int_dtype, width = bits[actual.dtype]
-    a = actual.detach().contiguous().view(int_dtype).to(torch.int64)
-    b = expected.detach().contiguous().view(int_dtype).to(torch.int64)
-    magnitude = (1 << (width - 1)) - 1
-    a = torch.where(a < 0, -(a & magnitude), a)
-    b = torch.where(b < 0, -(b & magnitude), b)
-    return int((a - b).abs().max())
-
-
-def _assert_close(actual, expected, what: str, exact: bool) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    if exact:
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-        return
-    real = expected.real if expected.is_complex() else expected
-    eps = torch.finfo(real.dtype).eps
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=FEW_ULP * eps, atol=FEW_ULP * eps * scale, equal_nan=True,
-                               msg=lambda m: f"{what} ({_ulp_distance(actual, expected)} ulp): {m}")
-
-
-def _assert_same_as_loop(ours, loop, ours_params, loop_params, what: str, exact: bool) -> None:
-    for index, (a, b) in enumerate(zip(ours_params, loop_params)):
-        _assert_close(a.detach(), b.detach(), f"{what}: param {index}", exact)
-        state_a, state_b = ours.state.get(a, {}), loop.state.get(b, {})
-        assert set(state_a) == set(state_b), f"{what}: param {index} state keys {set(state_a)} != {set(state_b)}"
-        for key, value in state_b.items():
-            if isinstance(value, torch.Tensor):
-                _assert_close(state_a[key], value, f"{what}: param {index} state[{key!r}]", exact)
-            else:
-                assert state_a[key] == value, f"{what}: param {index} state[{key!r}]"
 
 
 def _side_by_side(name: str, kwargs: dict, dtype: torch.dtype, impl: str, steps: int = 20,
-                  make_params=hard_params, make_groups=hard_groups, exact: bool = True):
-    loop_params = make_params(dtype)
-    ours_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in loop_params]
-    cls = getattr(scratchopt, name)
-    loop = cls(make_groups(loop_params), **cpu_kwargs(copy.deepcopy(kwargs)))
-    ours = cls(make_groups(ours_params), **cpu_kwargs(copy.deepcopy(kwargs)), impl=impl)
-    for step in range(steps):
-        for p_loop, p_ours, grad in zip(loop_params, ours_params, gradients(loop_params, step)):
-            p_loop.grad = None if grad is None else grad.clone()
-            p_ours.grad = None if grad is None else _like(grad, p_ours)
-        loop.step()
-        ours.step()
-    _assert_same_as_loop(ours, loop, ours_params, loop_params, f"{name} impl={impl}", exact)
-    return ours, loop, ours_params, loop_params
+                  make_params=hard_params, make_groups=hard_groups, exact: bool = True) -> None:
+    compare_with_loop(getattr(scratchopt, name), cpu_kwargs(kwargs), impl, dtype, steps,
+                      make_params=make_params, make_groups=make_groups, exact=exact)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,7 +136,7 @@ def _staggered_run(name: str, impl: str, dtype: torch.dtype, steps: int = 12, ex
             b.grad = None if grad is None else grad.clone()
         loop.step()
         ours.step()
-    _assert_same_as_loop(ours, loop, ours_params, loop_params, f"{name} staggered impl={impl}", exact)
+    assert_same_state(ours, loop, ours_params, loop_params, f"{name} staggered impl={impl}", exact)
 
 
 @pytest.mark.parametrize("impl", EXACT)
@@ -228,7 +181,7 @@ def test_zero_dim_params_in_every_dtype(name, kwargs, impl):
             moved = [not torch.equal(a.detach(), v.to(dtype)) for a, v in zip(ours_params, values)]
             assert all(moved), f"{name} impl={impl} {dtype}: a 0-d param was not updated"
             continue
-        _assert_same_as_loop(ours, loop, ours_params, loop_params, f"{name} impl={impl} 0-d {dtype}", exact)
+        assert_same_state(ours, loop, ours_params, loop_params, f"{name} impl={impl} 0-d {dtype}", exact)
         assert all(not torch.equal(a.detach(), v.to(dtype)) for a, v in zip(ours_params, values)), \
             f"{name} impl={impl} {dtype}: a 0-d param was not updated"
 
@@ -266,7 +219,7 @@ def test_sparse_gradients_run_per_tensor(name, kwargs, impl):
         loop.step()
         ours.step()
     for a, b in zip(ours_params, loop_params):
-        _assert_close(a.detach(), b.detach(), f"{name} sparse impl={impl}", exact=impl in EXACT)
+        assert_close(a.detach(), b.detach(), f"{name} sparse impl={impl}", exact=impl in EXACT)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,7 +260,7 @@ def test_fifty_scheduled_steps_without_a_recompile(impl):
     assert len(_compiled.COMPILE_SECONDS) == compiles, "a new kernel was compiled after warm-up"
     assert len({lr for lr, _ in seen}) == 50 and len({beta1 for _, beta1 in seen}) == 50
     for a, b in zip(model.parameters(), reference.parameters()):
-        _assert_close(a.detach(), b.detach(), f"AdamW {impl} under OneCycleLR", exact=False)
+        assert_close(a.detach(), b.detach(), f"AdamW {impl} under OneCycleLR", exact=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,7 +311,7 @@ def test_flat_training_loop_matches_loop(impl, set_to_none):
             opt.step()
         _assert_flat_state(ours)
     assert _storage_of(model.parameters()) == storage, "a parameter was moved to other storage"
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
 
 
 @pytest.mark.parametrize("impl", ["flat", "fused"])
@@ -379,7 +332,7 @@ def test_flat_replaced_missing_and_frozen_grads(impl):
             if step == 7:
                 net[4].bias.grad = None  # one missing gradient
             opt.step()
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
     _assert_flat_state(ours)
 
 
@@ -399,7 +352,7 @@ def test_flat_add_param_group(impl):
             opt.step()
     _assert_flat_state(ours, 0)
     _assert_flat_state(ours, 1)
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
 
 
 @pytest.mark.parametrize("impl", ["flat", "fused"])
@@ -419,7 +372,7 @@ def test_flat_load_state_dict_both_ways(impl):
             opt.step()
         if step >= 3:
             _assert_flat_state(ours)
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
     # torch.optim reads our state_dict too.
     theirs = torch.optim.Adam(_mlp().parameters(), lr=0.01, amsgrad=True)
     theirs.load_state_dict(ours.state_dict())
@@ -542,7 +495,7 @@ def test_parameters_are_updated_in_their_own_storage(impl):
     torch.save(model[2].state_dict(), layer)
     own_bytes = sum(p.numel() * p.element_size() for p in model[2].parameters())
     assert layer.tell() < own_bytes + 2000, "saving one layer wrote more than its own parameters"
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
                          impl not in COMPILED)
 
 
@@ -583,7 +536,7 @@ def test_model_to_another_dtype_mid_training_raises_before_any_change(impl, dtyp
         opt.step()
     assert all(ours.state[p]["exp_avg"].dtype == dtype for p in model.parameters())
     if dtype == torch.float64 or impl not in COMPILED:
-        _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
+        assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
                              impl not in COMPILED)
 
 
@@ -643,7 +596,7 @@ def test_many_small_tensors_train_like_the_loop(impl):
             opt.zero_grad()
             net(x).square().mean().backward()
             opt.step()
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
 
 
 @pytest.mark.parametrize("impl", ["flat", "fused"])
@@ -681,7 +634,7 @@ def test_contiguous_parameters_are_updated_without_copies(impl, monkeypatch):
                        for p in model.parameters())
         if step >= 6:
             assert copies == [6, 6, 6], f"step {step}: expected gradients, params in, params out: {copies}"
-    _assert_same_as_loop(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
 
 
 @pytest.mark.parametrize("impl", EXACT + COMPILED)
