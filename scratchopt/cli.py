@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from scratchopt.report.presets import PRESETS
+
+#: What ``scratchopt report``, ``bench`` and ``demo`` need besides torch: the ``report`` extra.
+REPORT_EXTRA = ("numpy", "matplotlib", "sklearn", "tqdm")
+
+
+def require_report_extra(command: str) -> None:
+    """Stop with a message naming the extra when one of its packages is missing (the optimizers need none)."""
+    missing = [name for name in REPORT_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"scratchopt {command} needs {', '.join(missing)}, which the optimizers do not: "
+                         "install them with: pip install 'scratchopt[report]'")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     add_bench_arguments(bench)
     args = parser.parse_args(argv)
+    require_report_extra(args.command)
     if args.command == "bench":
         from scratchopt.bench import main as bench_main
 

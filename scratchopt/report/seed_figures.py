@@ -1,6 +1,6 @@
 """Every figure the seed articles state, and the rule by which a measured value is held against it.
 
-The seeds (``/work/shared/seeds``) print their numbers rounded; a measured value *matches* when it
+The seed articles print their numbers rounded; a measured value *matches* when it
 agrees with the printed figure to the precision the seed printed it (or by the stated rule where a
 figure is approximate or a claim in words). Nothing here feeds back into a run: the runs use the seeds'
 settings, and what they produce is reported whether it matches or not.

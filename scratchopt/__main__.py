@@ -1,0 +1,5 @@
+"""``python -m scratchopt``: the ``scratchopt`` command."""
+
+from scratchopt.cli import main
+
+main()
