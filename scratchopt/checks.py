@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -58,3 +59,13 @@ def check_eps(eps: Any) -> None:
 def check_betas(betas: tuple[Any, Any]) -> None:
     for index, beta in enumerate(betas):
         require(0.0 <= beta < 1.0, f"beta parameter at index {index}", beta, f"0 <= betas[{index}] < 1")
+
+
+def require_closure(optimizer: torch.optim.Optimizer, closure: Any, returns: str) -> None:
+    """torch's LBFGS raises TypeError for a missing closure; so do we, with a message that says why."""
+    if closure is None or not callable(closure):
+        name = type(optimizer).__name__
+        raise TypeError(
+            f"{name}.step() requires a closure ({returns}); got {closure!r}. "
+            f"Call {name}.step(closure), as with torch.optim.LBFGS."
+        )

@@ -63,8 +63,7 @@ import torch
 from torch import Tensor
 
 from scratchopt.optimizer import ScratchOptimizer, squeeze_scalar
-from scratchopt.checks import check_lr
-from scratchopt.nesterov_lookahead import require_closure
+from scratchopt.checks import check_lr, require_closure
 
 CURVATURE_THRESHOLD = 1e-10  # ys must exceed this for a pair (y, s) to be kept
 CLOSURE_CONTRACT = "one that zeroes the gradients, computes the loss, calls backward() and returns the loss"

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from scratchopt.optimizer import ScratchOptimizer
-from scratchopt.checks import check_lr, require
+from scratchopt.checks import check_lr, require, require_closure
 from scratchopt.ops import zeros_like
 
 
@@ -65,16 +65,6 @@ def lookahead(param: Tensor, momentum_buffer: Tensor, *, momentum: float) -> Non
 def update(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float, momentum: float) -> None:
     momentum_buffer.mul_(momentum).add_(grad, alpha=-lr)  # v ← μv − γ·∇f(φ)
     param.add_(momentum_buffer)  # θ ← θ + v
-
-
-def require_closure(optimizer: torch.optim.Optimizer, closure: Any, returns: str) -> None:
-    """torch's LBFGS raises TypeError for a missing closure; so do we, with a message that says why."""
-    if closure is None or not callable(closure):
-        name = type(optimizer).__name__
-        raise TypeError(
-            f"{name}.step() requires a closure ({returns}); got {closure!r}. "
-            f"Call {name}.step(closure), as with torch.optim.LBFGS."
-        )
 
 
 def _python_scalar(value: Any) -> Any:

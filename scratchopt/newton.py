@@ -72,8 +72,7 @@ import torch
 from torch import Tensor
 
 from scratchopt.optimizer import ScratchOptimizer
-from scratchopt.checks import require
-from scratchopt.nesterov_lookahead import require_closure
+from scratchopt.checks import require, require_closure
 
 _DAMPING_HINT = "pass damping > 0 (for example damping=1e-3) to regularise the Hessian as H + damping·I"
 
