@@ -103,3 +103,17 @@ def test_speed_section_shows_the_real_training_loop(report: Path) -> None:
     assert real_loop["targets"]
     page = (report / "index.html").read_text(encoding="utf-8")
     assert "The optimizer step inside the training loop" in page
+
+
+def test_memory_section_measures_stepping_during_backward(report: Path) -> None:
+    """Section 5 measures scratchopt.step_in_backward on the bench's GPT-like model: every strategy at two
+    batch sizes, stepped after and during backward, with no gradient left in the second case."""
+    results = json.loads((report / "results.json").read_text(encoding="utf-8"))
+    measured = results["sections"]["memory"]["backward_step"]
+    cases = {(row["batch"], row["impl"], row["in_backward"]) for row in measured["rows"]}
+    assert len(cases) == len(measured["rows"]) == 2 * 2 * len({row["impl"] for row in measured["rows"]})
+    for row in measured["rows"]:
+        assert row["peak_bytes"] > measured["parameter_bytes"], row
+        assert (row["gradient_bytes_after_backward"] == 0) == row["in_backward"], row
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert "Stepping during backward" in page

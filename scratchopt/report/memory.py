@@ -5,10 +5,23 @@ parameter, plus small 0-d tensors (``step``, NAdam's ``mu_product``) kept once p
 float32 whatever the parameter's dtype, as torch keeps them. The measurement sums the bytes of every
 tensor in ``optimizer.state`` after one step. Elementwise work is counted, not estimated: a
 ``TorchDispatchMode`` sees every ATen operation of a steady-state step on one parameter tensor.
+
+Stepping during backward (:func:`scratchopt.step_in_backward`) is measured on ``scratchopt bench``'s
+GPT-like model: the peak of the bytes held by torch's CPU allocator over a few real training steps,
+with the optimizer stepped after backward and inside it. ``tracemalloc`` does not see torch's
+allocations and the process's RSS mixes them with the allocator's cached pages and the interpreter, so
+the allocator's own events are summed instead (``torch.profiler`` with ``profile_memory=True``, as
+``scratchopt bench`` measures a step's extra memory), from a fresh copy of the model built inside the
+measured window: parameters, gradients, optimizer state, activations and temporaries all count.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import gc
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +46,12 @@ OPS_SIZES = (10_000, 100_000)  # one tensor of each size: the count per paramete
 NEWTON_SIZES = (8, 32)
 #: Steps before the counted one: RAdam switches to its rectified update only once ρ_t > 5 (step 6 on).
 WARMUP_STEPS = 10
+#: ``scratchopt bench``'s preset whose GPT-like model is measured for stepping during backward, by report preset.
+BACKWARD_STEP_BENCH_PRESET = {"quick": "quick", "full": "default"}
+BACKWARD_STEP_STRATEGIES = ("loop", "flat", "fused")
+#: Training steps per measurement: the first makes the optimizer state (and the flat layout), the second
+#: runs as every later one does.
+BACKWARD_STEP_TRAIN_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -80,11 +99,21 @@ FORMULAS: tuple[StateFormula, ...] = (
 )
 
 
+def exported_algorithms() -> list[str]:
+    """The algorithms ``scratchopt.__all__`` exports: its optimizer classes, less their common base class
+    (and less the helper functions exported beside them)."""
+    classes = {name: getattr(scratchopt, name) for name in scratchopt.__all__}
+    optimizers = {name: cls for name, cls in classes.items()
+                  if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)}
+    return [name for name, cls in optimizers.items()
+            if len(optimizers) == 1 or not all(issubclass(other, cls) for other in optimizers.values())]
+
+
 def available_formulas() -> tuple[list[StateFormula], list[str]]:
     """Formulas for the algorithms in ``scratchopt.__all__`` now, and the algorithms without one."""
     present = [formula for formula in FORMULAS if formula.algorithm in scratchopt.__all__]
     covered = {formula.algorithm for formula in FORMULAS}
-    return present, [name for name in scratchopt.__all__ if name not in covered]
+    return present, [name for name in exported_algorithms() if name not in covered]
 
 
 def small_model(dtype: torch.dtype) -> nn.Module:
@@ -264,6 +293,97 @@ def memory_table(formulas: list[StateFormula]) -> list[dict[str, Any]]:
     return table
 
 
+def held_tensor_bytes(root: object) -> int:
+    """Bytes of the storages of every tensor ``root`` holds: found by walking the objects it refers to
+    (modules, optimizers, their state and buffers), plus each parameter's gradient. Between training
+    steps autograd keeps nothing, so these are all the tensors a training run holds."""
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+    pending = [root]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen or isinstance(item, (type, types.ModuleType, types.FunctionType, types.CodeType)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, Tensor):
+            if item.layout == torch.strided and item.device.type == "cpu":
+                storage = item.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            if item.grad is not None:
+                pending.append(item.grad)
+        pending.extend(gc.get_referents(item))
+    return sum(storages.values())
+
+
+class GPTTraining:
+    """A fresh copy of the bench's GPT-like model trained with AdamW stepped after backward or during it."""
+
+    def __init__(self, model: nn.Module, make_optimizer: Callable[..., torch.optim.Optimizer], in_backward: bool) -> None:
+        self.model = copy.deepcopy(model)
+        self.in_backward = in_backward
+        if in_backward:
+            self.stepper = scratchopt.step_in_backward(self.model, make_optimizer)
+        else:
+            self.optimizer = make_optimizer(self.model.parameters())
+        self.gradient_bytes_after_backward = 0
+
+    def train(self, batches: list[Tensor]) -> None:
+        for tokens in batches:
+            if not self.in_backward:
+                self.optimizer.zero_grad()
+            self.model(tokens).backward()
+            self.gradient_bytes_after_backward = sum(
+                p.grad.numel() * p.grad.element_size() for p in self.model.parameters() if p.grad is not None)
+            if not self.in_backward:
+                self.optimizer.step()
+
+
+def peak_held_bytes(step: Callable[[], Any], held: int) -> int | None:
+    """The most bytes held during ``step``: ``held`` when it starts, plus the allocator's peak during it."""
+    from scratchopt import bench
+
+    extra = bench.peak_extra_memory(step, torch.device("cpu"))
+    return None if extra is None else held + extra
+
+
+def backward_step_memory(preset: Preset, bar: Any) -> dict[str, Any]:
+    """Peak bytes of AdamW training on the bench's GPT-like model, stepped after backward and during it,
+    at the bench's batch size and at one sequence per batch: over the first step (which makes the state)
+    and over the steady steps after it."""
+    from scratchopt import bench
+
+    workload = bench.make_workload("gpt", bench.PRESETS[BACKWARD_STEP_BENCH_PRESET[preset.name]], torch.device("cpu"))
+    params = list(workload.model.parameters())
+    full_batch = workload.batches[0][0].shape[0]
+    rows = []
+    cases = [(size, impl, in_backward) for size in (full_batch, 1) for impl in BACKWARD_STEP_STRATEGIES
+             for in_backward in (False, True)]
+    for size, impl, in_backward in bar(cases, desc="stepping during backward"):
+        batches = [workload.batches[i % len(workload.batches)][0][:size] for i in range(BACKWARD_STEP_TRAIN_STEPS)]
+        make = functools.partial(scratchopt.AdamW, lr=1e-3, impl=impl)
+        if impl in ("compiled", "fused"):  # compile the kernel outside the measured window
+            GPTTraining(workload.model, make, in_backward).train(batches[:1])
+        runs: list[GPTTraining] = []
+
+        def first_step() -> None:  # the copy of the model is made inside the window: nothing is held before
+            runs.append(GPTTraining(workload.model, make, in_backward))
+            runs[0].train(batches[:1])
+
+        first = peak_held_bytes(first_step, 0)
+        training = runs[0]
+        steady = peak_held_bytes(lambda: training.train(batches[1:]), held_tensor_bytes(training))
+        rows.append({"batch": size, "impl": impl, "in_backward": in_backward, "first_step_peak_bytes": first,
+                     "peak_bytes": steady, "gradient_bytes_after_backward": training.gradient_bytes_after_backward})
+    return {
+        "model": workload.description,
+        "parameters": sum(p.numel() for p in params),
+        "tensors": len(params),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+        "train_steps": BACKWARD_STEP_TRAIN_STEPS,
+        "rows": rows,
+    }
+
+
 def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
     formulas, without_formula = available_formulas()
     state_rows, state_failed = [], []
@@ -275,6 +395,7 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
     compute, compute_failed = compute_rows(formulas, bar)
     newton = [newton_work(numel) for numel in NEWTON_SIZES] if "Newton" in scratchopt.__all__ else []
     table = memory_table(formulas)
+    backward_step = backward_step_memory(preset, bar)
     results: dict[str, Any] = {
         "scalar_bytes": SCALAR_BYTES,
         "state": state_rows,
@@ -286,6 +407,7 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         "newton_work": newton,
         "table": table,
         "table_sizes": list(TABLE_SIZES),
+        "backward_step": backward_step,
     }
     results["figures"] = {"state": figures.save(plot_state(state_rows), "memory_state_bytes")} if state_rows else {}
     results["seed_comparisons"] = _comparisons(results)
@@ -533,6 +655,55 @@ def render(results: dict[str, Any]) -> str:
                 + " (n + 1 backward passes and an n × n eigendecomposition)."
             )
         )
+    parts.append(render_backward_step(results["backward_step"]))
     parts.append("<h3>Beside the seeds</h3>")
     parts.append(h.comparison_table(results["seed_comparisons"]))
+    return "".join(parts)
+
+
+def render_backward_step(measured: dict[str, Any]) -> str:
+    """The subsection on :func:`scratchopt.step_in_backward`: peak memory with and without it."""
+    parts = [
+        "<h3>Stepping during backward</h3>",
+        "<p><code>scratchopt.step_in_backward(model, make_optimizer)</code> gives each parameter its own "
+        "optimizer and steps it from a post-accumulate-grad hook as soon as its gradient is complete, then "
+        "frees that gradient, so the gradients of the whole model are never alive at once. Measured with AdamW "
+        f"on <code>scratchopt bench</code>'s model ({h.esc(measured['model'])}; {measured['parameters']:,} "
+        f"parameters in {measured['tensors']} tensors, {h.size(measured['parameter_bytes'])}), trained from a "
+        "fresh copy, and again with one sequence per batch.</p>",
+        "<p><em>How it is measured:</em> the most bytes held by torch's CPU allocator during a step: what the "
+        "run holds when the step starts (the storages of every tensor reachable from the model and the "
+        "optimizers, and the gradients), plus the peak of the running sum of the allocator's allocation and "
+        "free events that <code>torch.profiler</code> records during the step (<code>profile_memory=True</code>) "
+        "— parameters, gradients, optimizer state, activations and temporaries. The first step (which makes the "
+        "state) is measured from nothing, its copy of the model made inside the window; the steady step is the "
+        "one after it. <code>tracemalloc</code> does not see torch's allocations, and the process's RSS would "
+        "add the allocator's cached pages and the interpreter.</p>",
+        "<p>Stepping inside backward leaves no gradient for a step to read. Whether that lowers the peak depends "
+        "on where the peak is: at the optimizer step (parameters, state and every gradient alive, with the "
+        "step's temporaries) it falls by about the gradients' size, more where the strategy's temporaries or "
+        "scratch buffers scale with the whole model rather than with one parameter; at the start of backward "
+        "(every activation alive, no gradient yet), where a larger batch puts it, it does not move.</p>",
+    ]
+    pairs: dict[tuple[int, str], dict[bool, dict[str, Any]]] = {}
+    for row in measured["rows"]:
+        pairs.setdefault((row["batch"], row["impl"]), {})[row["in_backward"]] = row
+    body = []
+    for (batch, impl), pair in pairs.items():
+        after, inside = pair[False], pair[True]
+        saved = (after["peak_bytes"] - inside["peak_bytes"]
+                 if after["peak_bytes"] is not None and inside["peak_bytes"] is not None else None)
+        body.append([
+            h.num(batch), h.code(impl), h.size(after["peak_bytes"]), h.size(inside["peak_bytes"]),
+            f"<strong>{h.size(saved)}</strong>", h.size(after["first_step_peak_bytes"]),
+            h.size(inside["first_step_peak_bytes"]), h.size(after["gradient_bytes_after_backward"]),
+        ])
+    parts.append(h.table(
+        ["sequences per batch", "impl", "steady step: peak, stepped after backward", "… during backward",
+         "saved", "first step: after backward", "… during backward", "gradients left after backward"],
+        body, numeric=(0, 2, 3, 4, 5, 6, 7),
+        caption="AdamW; the most bytes held during a step (decimal units). Stepped during backward, no gradient "
+                "is left after backward.",
+        dividers=(2, 5, 7),
+    ))
     return "".join(parts)
