@@ -139,7 +139,9 @@ class TensorList:
             if ok:
                 try:
                     result = foreach(self.tensors, *converted_args, **converted_kwargs)
-                except TypeError:  # no overload for these argument types: raised before any work
+                except (TypeError, NotImplementedError):
+                    # No overload for these argument types, or none for these tensors (DTensor has no
+                    # sharding rule for some foreach ops): raised before any work.
                     result = _NO_OVERLOAD
                 if result is not _NO_OVERLOAD:
                     if name.endswith("_"):
@@ -179,8 +181,11 @@ class TensorList:
 
     def copy_(self, src: Any, non_blocking: bool = False) -> TensorList:
         if isinstance(src, TensorList) and self.tensors:
-            torch._foreach_copy_(self.tensors, src.tensors, non_blocking=non_blocking)
-            return self
+            try:
+                torch._foreach_copy_(self.tensors, src.tensors, non_blocking=non_blocking)
+                return self
+            except NotImplementedError:  # DTensor has no sharding rule for it: raised before any copy
+                pass
         return self._per_tensor("copy_", (src,), {"non_blocking": non_blocking})
 
     def sqrt(self) -> TensorList:

@@ -39,11 +39,7 @@ EXACT = ("loop", "foreach", "flat")
 
 #: Checks that fail because of scratchopt code outside this test's reach, with why; strict, so that the
 #: fix turns them into failures to remove from here.
-KNOWN_FAILURES = {
-    "fsdp2/SGD/foreach": (
-        "impl='foreach' under FSDP2: TensorList.copy_ calls torch._foreach_copy_, which DTensor has no sharding "
-        "strategy for (NotImplementedError); SGD's first momentum step copies the gradient into the buffer"),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 CHECKS = [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[name]))
           if name in KNOWN_FAILURES else name for name, _ in distributed_checks.checks(Path())]
 

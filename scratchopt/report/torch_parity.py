@@ -8,6 +8,7 @@ is torch's for-loop path (``foreach=False``), the one ``impl="loop"`` reproduces
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +38,19 @@ SGD_SETTINGS = (
     ("SGD, momentum", {"lr": 0.1, "momentum": 0.9}, "parity.SGD_momentum"),
 )
 #: Algorithms without a torch twin: trained alone (NesterovLookahead) or left out, with the reason.
-OURS_ONLY = {"NesterovLookahead": {"lr": 0.1, "momentum": 0.9}}
+OURS_ONLY = {"NesterovLookahead": {"lr": 0.1, "momentum": 0.9}, "Lion": {"lr": 1e-3}}
 LEFT_OUT = {
     "Newton": "takes n + 1 backward passes and an n × n eigendecomposition per step; this MLP has "
     "n = 2,410 parameters, so it is left to section 1",
+    "SparseAdam": "takes sparse gradients only, and this MLP's are dense (tests/test_sparse_adam.py trains "
+    "an nn.Embedding beside torch's)",
 }
+#: Settings other than torch's defaults: LBFGS's lr of 1 without a line search diverges on mini-batches.
+TWIN_SETTINGS = {"LBFGS": {"line_search_fn": "strong_wolfe", "max_iter": 5}}
+#: Algorithms whose step takes a closure that re-evaluates the loss.
+NEEDS_CLOSURE = {"LBFGS", "NesterovLookahead"}
+#: Algorithms that take matrices only: they train the weights, and the biases stay as they are (for both).
+MATRICES_ONLY = {"Muon"}
 
 
 @dataclass(frozen=True)
@@ -53,23 +62,29 @@ class Pairing:
     has_twin: bool = True
 
     def settings_text(self) -> str:
-        return ", ".join(f"{name}={value}" for name, value in self.kwargs.items()) or "torch's defaults"
+        text = ", ".join(f"{name}={value}" for name, value in self.kwargs.items()) or "torch's defaults"
+        return text + ("; weight matrices only (the biases stay as they are)" if self.algorithm in MATRICES_ONLY else "")
 
 
 def pairings() -> tuple[list[Pairing], list[dict[str, str]]]:
     """What section 3 trains, read from ``scratchopt.__all__`` now, and what it leaves out and why."""
     chosen: list[Pairing] = []
     left_out: list[dict[str, str]] = []
-    for name in scratchopt.__all__:
-        if name == "SGD":
+    algorithms = [name for name in scratchopt.__all__ if isinstance(getattr(scratchopt, name), type)
+                  and issubclass(getattr(scratchopt, name), torch.optim.Optimizer)
+                  and getattr(scratchopt, name) is not scratchopt.ScratchOptimizer]
+    for name in algorithms:
+        if name in LEFT_OUT:
+            left_out.append({"algorithm": name, "reason": LEFT_OUT[name]})
+        elif name == "SGD":
             chosen += [Pairing(label, "SGD", kwargs, seed_key) for label, kwargs, seed_key in SGD_SETTINGS]
         elif hasattr(torch.optim, name):
             seed_key = f"parity.{name}" if f"parity.{name}" in seeds.FIGURES else None
-            chosen.append(Pairing(name, name, {}, seed_key))
+            chosen.append(Pairing(name, name, TWIN_SETTINGS.get(name, {}), seed_key))
         elif name in OURS_ONLY:
             chosen.append(Pairing(name, name, OURS_ONLY[name], has_twin=False))
         else:
-            left_out.append({"algorithm": name, "reason": LEFT_OUT.get(name, "no torch twin to compare with")})
+            left_out.append({"algorithm": name, "reason": "no torch twin to compare with"})
     return chosen, left_out
 
 
@@ -122,22 +137,31 @@ def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[float, 
     return nn.functional.cross_entropy(logits, targets).item(), (logits.argmax(1) == targets).float().mean().item()
 
 
+def trained_params(pairing: Pairing, model: nn.Module) -> list[nn.Parameter]:
+    """The params the pair trains: all of them, or the weight matrices for an algorithm that takes only those."""
+    if pairing.algorithm in MATRICES_ONLY:
+        return [p for p in model.parameters() if p.dim() == 2]
+    return list(model.parameters())
+
+
 def train(pairing: Pairing, data: tuple[Tensor, ...], batches: list[Tensor], bar: Any) -> dict[str, Any]:
     """Train ours (and torch's twin, in lockstep) through ``batches``; losses and gaps at every step."""
     train_x, train_y, test_x, test_y = data
     ours_model = make_mlp()
-    ours = getattr(scratchopt, pairing.algorithm)(ours_model.parameters(), **pairing.kwargs)
+    ours = getattr(scratchopt, pairing.algorithm)(trained_params(pairing, ours_model), **pairing.kwargs)
     twin_model = copy.deepcopy(ours_model) if pairing.has_twin else None
-    twin = (
-        getattr(torch.optim, pairing.algorithm)(twin_model.parameters(), **pairing.kwargs, foreach=False)
-        if twin_model is not None
-        else None
-    )
+    twin = None
+    if twin_model is not None:
+        twin_class = getattr(torch.optim, pairing.algorithm)
+        # torch's for-loop: foreach=False where the class has the flag (the others only loop).
+        loop = {"foreach": False} if "foreach" in inspect.signature(twin_class).parameters else {}
+        twin = twin_class(trained_params(pairing, twin_model), **pairing.kwargs, **loop)
+    closure = pairing.algorithm in NEEDS_CLOSURE
     ours_losses, twin_losses, param_gaps = [], [], []
     for batch in bar(batches, desc=f"train {pairing.label}", mininterval=0.5):
-        ours_losses.append(training_step(ours_model, ours, train_x[batch], train_y[batch], not pairing.has_twin))
+        ours_losses.append(training_step(ours_model, ours, train_x[batch], train_y[batch], closure))
         if twin is not None:
-            twin_losses.append(training_step(twin_model, twin, train_x[batch], train_y[batch], False))
+            twin_losses.append(training_step(twin_model, twin, train_x[batch], train_y[batch], closure))
             param_gaps.append(
                 max(
                     (a - b).abs().max().item()
