@@ -15,8 +15,9 @@ pass leaves the caches cold. Both medians are reported: ``opt.step()`` alone and
 Modes (:data:`MODES`): ``set-to-none`` (``zero_grad()``, the default), ``set-to-zero``
 (``zero_grad(set_to_none=False)``: gradients stay in place between steps) and ``accumulate-4``
 (``zero_grad()``, four forward+backward micro-batches, one step). The default preset runs
-``set-to-none`` for every algorithm and the other two for AdamW on the mlp, tiny and large models, to
-stay within a few minutes on two cores (the GPT's forward+backward is the costliest); ``--modes`` runs
+``set-to-none`` for every algorithm, and for AdamW ``set-to-zero`` on the mlp, tiny and large models and
+``accumulate-4`` on the tiny and large ones, to stay within a few minutes on two cores (the GPT's and the
+2000-layer MLP's forward+backward cost the most, four times over when accumulating); ``--modes`` runs
 the modes it names for every algorithm and model.
 
 Models, built in code, data generated from a fixed seed (:func:`make_workloads`):
@@ -119,9 +120,9 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {
-    "set-to-none": Mode("zero_grad() (set_to_none=True, torch's default)", True, 1),
-    "set-to-zero": Mode("zero_grad(set_to_none=False)", False, 1),
-    "accumulate-4": Mode("zero_grad(), 4 micro-batches of forward+backward, one step", True, 4),
+    "set-to-none": Mode("zero_grad() (set_to_none=True, torch's default), forward, backward, step", True, 1),
+    "set-to-zero": Mode("zero_grad(set_to_none=False), forward, backward, step", False, 1),
+    "accumulate-4": Mode("zero_grad(), 4 × (forward, backward), step", True, 4),
 }
 DEFAULT_MODE = "set-to-none"
 
@@ -134,11 +135,10 @@ class Preset:
     columns: tuple[str, ...]
     #: Modes run for every algorithm.
     modes: tuple[str, ...]
-    #: Further modes, run only for ``more_modes_algorithms`` on ``more_modes_workloads`` (each costs a
+    #: Further modes, each with the workloads it runs on, for ``more_modes_algorithms`` only (each costs a
     #: whole row of train steps; accumulation four forward+backward passes a step).
-    more_modes: tuple[str, ...]
+    more_modes: tuple[tuple[str, tuple[str, ...]], ...]
     more_modes_algorithms: tuple[str, ...]
-    more_modes_workloads: tuple[str, ...]
     mlp_layers: int
     gpt_layers: int
     gpt_width: int
@@ -158,13 +158,14 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "quick": Preset("quick", ("SGD+momentum", "Adam", "AdamW"), ("mlp", "gpt", "tiny", "large"),
                     columns=tuple(c for c in COLUMNS if c != OURS_COMPILED),
-                    modes=(DEFAULT_MODE,), more_modes=(), more_modes_algorithms=(), more_modes_workloads=(),
+                    modes=(DEFAULT_MODE,), more_modes=(), more_modes_algorithms=(),
                     mlp_layers=200, gpt_layers=2, gpt_width=128, gpt_vocab=512, gpt_seq_len=32, gpt_batch=4,
                     large_params=4 * 2**20, warmup_steps=1, rounds=3, steps_per_round=1,
                     compile_max_tensors=100, warmup_compile=False),
     "default": Preset("default", ("SGD+momentum", "Adam", "AdamW"), ("mlp", "gpt", "tiny", "large"),
-                      columns=COLUMNS, modes=(DEFAULT_MODE,), more_modes=("set-to-zero", "accumulate-4"),
-                      more_modes_algorithms=("AdamW",), more_modes_workloads=("mlp", "tiny", "large"),
+                      columns=COLUMNS, modes=(DEFAULT_MODE,),
+                      more_modes=(("set-to-zero", ("mlp", "tiny", "large")), ("accumulate-4", ("tiny", "large"))),
+                      more_modes_algorithms=("AdamW",),
                       mlp_layers=2000, gpt_layers=6, gpt_width=256,
                       gpt_vocab=2048, gpt_seq_len=64, gpt_batch=8, large_params=16 * 2**20, warmup_steps=1,
                       rounds=3, steps_per_round=1, compile_max_tensors=100, warmup_compile=True),
@@ -627,8 +628,9 @@ def modes_for(algorithm: str, workload: str, preset: Preset, modes: list[str] | 
     """The loops run for one algorithm on one workload: ``modes`` if given, else the preset's."""
     if modes is not None:
         return modes
-    more = algorithm in preset.more_modes_algorithms and workload in preset.more_modes_workloads
-    return list(preset.modes) + (list(preset.more_modes) if more else [])
+    more = [mode for mode, workloads in preset.more_modes
+            if algorithm in preset.more_modes_algorithms and workload in workloads]
+    return list(preset.modes) + more
 
 
 def _check_choices(kind: str, given: list[str], choices: Any) -> None:
@@ -663,7 +665,7 @@ def run_bench(preset: str | Preset = "default", *, algorithms: list[str] | None 
     for name in workloads or list(preset.workloads):
         workload = make_workload(name, preset, dev)
         described[name] = {"description": workload.description, "numel": workload.numel, "tensors": workload.tensors}
-        log(f"[{name}] {workload.description}: {workload.tensors} tensors, {workload.numel:,} params")
+        log(f"[{name}] {workload.description}: {model_size(workload.tensors, workload.numel)}")
         for algorithm in chosen:
             for mode_name in modes_for(algorithm[0], name, preset, modes):
                 row = run_row(workload, algorithm, mode_name, columns, preset, dev, bandwidth["axpy_GBps"], memory)
@@ -684,7 +686,7 @@ def run_bench(preset: str | Preset = "default", *, algorithms: list[str] | None 
                  "python": platform.python_version(), "seconds": time.perf_counter() - started,
                  "columns": columns, "rounds": preset.rounds, "steps_per_round": preset.steps_per_round,
                  "warmup_steps": preset.warmup_steps,
-                 "modes": {name: MODES[name].label for name in {row.mode for row in rows}}},
+                 "modes": {name: MODES[name].label for name in dict.fromkeys(row.mode for row in rows)}},
         "bandwidth": bandwidth,
         "workloads": described,
         "rows": [asdict(row) for row in rows],
@@ -749,6 +751,10 @@ def targets(rows: list[Row], workloads: dict[str, dict[str, Any]], warmup: list[
 # ------------------------------------------------------------------------------------------------------
 
 
+def model_size(tensors: int, numel: int) -> str:
+    return f"{tensors} tensor{'s' if tensors != 1 else ''}, {numel:,} params"
+
+
 def _ms(value: float | None) -> str:
     if value is None:
         return "—"
@@ -782,10 +788,9 @@ def table(results: dict[str, Any]) -> str:
         rows = [r for r in results["rows"] if r["workload"] == workload]
         if not rows:
             continue
-        lines.append(f"\n### {workload}: {info['description']} ({info['tensors']} tensors, {info['numel']:,} params)")
+        lines.append(f"\n### {workload}: {info['description']} ({model_size(info['tensors'], info['numel'])})")
         for mode in dict.fromkeys(r["mode"] for r in rows):
-            lines.append(f"\n{MODES[mode].label}, forward, backward, opt.step() — median ms: opt.step() / whole "
-                         "train step\n")
+            lines.append(f"\n{MODES[mode].label} — median ms: opt.step() / whole train step\n")
             header = ["algorithm", *columns, "roofline ms (B/param)", "torch fused ÷ ours fused",
                       "ours fused ÷ roofline"]
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -894,12 +899,12 @@ def plot(results: dict[str, Any], path: str) -> bool:
         ax.set_yscale("log")
         ax.set_ylabel("median opt.step() (ms, log)")
         info = results["workloads"][workload]
-        ax.set_title(f"{workload}: {info['tensors']} tensors, {info['numel']:,} params", fontsize=10)
+        ax.set_title(f"{workload}: {model_size(info['tensors'], info['numel'])}", fontsize=10)
     for ax in list(axes.flat)[panels:]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
-    fig.suptitle(f"opt.step() inside the training loop, {MODES[DEFAULT_MODE].label} "
+    fig.suptitle("opt.step() inside the training loop: zero_grad(), forward, backward, step "
                  f"({results['meta']['device']}, {results['meta']['threads']} threads)", fontsize=11)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
@@ -915,7 +920,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", help=f"comma-separated models (choices: {', '.join(WORKLOAD_NAMES)})")
     parser.add_argument("--columns", help=f"comma-separated (choices: {', '.join(COLUMNS)})")
     parser.add_argument("--modes", help=f"comma-separated loops, run for every algorithm and model (choices: "
-                        f"{', '.join(MODES)}; default: set-to-none for all, the others for AdamW on mlp, tiny, large)")
+                        f"{', '.join(MODES)}; default: set-to-none for all, the others for AdamW on some models)")
     parser.add_argument("--mlp-layers", type=int, help="layers of the seed MLP (default 2000; quick 200)")
     parser.add_argument("--large-params", type=int, help="elements of the one large tensor (default 16M; quick 4M)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3)")
