@@ -100,6 +100,11 @@ class Program:
 
     def call_method(self, receiver: Recorded, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         encoded = (tuple(self.encode(a) for a in args), tuple((k, self.encode(v)) for k, v in sorted(kwargs.items())))
+        if name in ("lerp", "lerp_") and len(args) == 2 and not kwargs and encoded[0][1][0] == "s":
+            # ATen picks one of two formulas from |weight| < ½ in the tensor's arithmetic type: the choice
+            # is part of the program (and of its kernel's key), as any branch taken while recording is.
+            weight = torch.tensor(self.tape[encoded[0][1][1]], dtype=torch.float64).to(_opmath(self.dtype_of(receiver)))
+            encoded = (encoded[0], (("lerp_weight_below_half", ("c", bool(weight.abs() < 0.5))),))
         if name.endswith("_") and not name.endswith("__"):
             self.ops.append(("m", name, ("r", receiver.rid), encoded, None))
             return receiver
@@ -120,6 +125,9 @@ class Program:
         return (self.input_keys, len(self.tape), tuple(self.ops))
 
     # ---- metadata (computed only when asked) --------------------------------------------------------
+    def dtype_of(self, value: Recorded) -> torch.dtype:
+        return self.inputs[value.rid].dtype if value.rid < self.n_inputs else self.meta(value.rid).dtype
+
     def meta(self, rid: int) -> Tensor:
         if self.metas[rid] is None:
             self._compute_metas()
@@ -147,7 +155,7 @@ class Program:
             if out is None or self.metas[out] is not None:
                 continue
             margs = [self._decode_meta(a) for a in args]
-            mkwargs = {k: self._decode_meta(v) for k, v in kwargs}
+            mkwargs = {k: self._decode_meta(v) for k, v in kwargs if k != "lerp_weight_below_half"}
             try:
                 if kind == "m":
                     result = getattr(self._decode_meta(receiver), target)(*margs, **mkwargs)
@@ -247,14 +255,12 @@ class Program:
             if base == "addcmul":
                 return f"fma({scaled}, {t2}, {self_ref})"
             return f"{self_ref} + {scaled} / {t2}"
-        if base == "lerp" and len(args) == 2 and not kwargs and args[1][0] == "s" and args[0][0] == "r":
-            # Both of ATen's forms, chosen per element from the weight on the tape: the choice is data
-            # of the kernel, not a branch of its source (a kernel is shared by every weight).
+        if base == "lerp" and len(args) == 2 and set(kwargs) == {"lerp_weight_below_half"}:
             weight = f"{ref(args[1])}.to({opmath_name})"
             end = ref(args[0])
-            small = f"fma({weight}, {end} - {self_ref}, {self_ref})"
-            large = f"fma({self_ref} - {end}, 1 - {weight}, {end})"
-            return f"torch.where({weight}.abs() < 0.5, {small}, {large})"
+            if kwargs["lerp_weight_below_half"][1]:
+                return f"fma({weight}, {end} - {self_ref}, {self_ref})"
+            return f"fma({self_ref} - {end}, 1 - {weight}, {end})"
         return None
 
 
