@@ -241,8 +241,13 @@ class FlatState:
 
     def accepts(self, grads: Sequence[Tensor]) -> bool:
         """The gradients can be gathered as they are: of the members' dtype and device, sharded like
-        them (dense is checked by the copy itself, which refuses a sparse source before writing)."""
-        if set(map(_dtype_of, grads)) != {self.dtype} or grads[0].device != self.device:
+        them (dense is checked by the copy itself, which refuses a sparse source before writing).
+
+        A gradient has its parameter's dtype (autograd makes it so, and ``p.grad = g`` refuses another),
+        so while the zero-copy params are still in place (:meth:`params_in_place`) their gradients'
+        dtypes need no look; otherwise ``model.to(dtype)`` shows in them.
+        """
+        if grads[0].device != self.device or (not self.contiguous and set(map(_dtype_of, grads)) != {self.dtype}):
             return False
         return not self.sharded or all(
             isinstance(g, DTensor) and g.placements == p.placements for g, p in zip(grads, self.members))
@@ -294,7 +299,7 @@ class GroupLayout:
         taken = []
         for flat in self.flats:
             flat_grads = flat.take_grads(grads)
-            if not (flat.adopted and flat.check_uniform() and flat.accepts(flat_grads) and flat.params_in_place()):
+            if not (flat.adopted and flat.check_uniform() and flat.params_in_place() and flat.accepts(flat_grads)):
                 return None
             taken.append(flat_grads)
         return taken

@@ -38,6 +38,7 @@ loop, which is correct by construction.
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,6 +50,9 @@ from scratchopt._tensorlist import TensorList
 
 if TYPE_CHECKING:
     from scratchopt.optimizer import ScratchOptimizer
+
+_grad_of = operator.attrgetter("grad")
+
 
 def _python_scalar(value: Any) -> Any:
     return value.item() if isinstance(value, Tensor) else value
@@ -187,7 +191,7 @@ def _flat_fast_step(optimizer: ScratchOptimizer, group: dict[str, Any], compiled
     layout = _layouts(optimizer).get(id(group))
     if layout is None or not layout.covers(group):
         return False
-    grads = layout.member_grads([p.grad for p in group["params"]])
+    grads = layout.member_grads(list(map(_grad_of, group["params"])))
     if grads is None:
         return False
     try:
