@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 #: ATen copies a tensor smaller than this on one thread (``at::internal::GRAIN_SIZE``).
 _ONE_THREAD_NUMEL = 32768
+#: A param of at least this many elements is updated where it lies rather than gathered: copying it in and
+#: out of the buffer moves 24 B per element (float32), more than a call of its own costs above this size.
+DIRECT_NUMEL = 65536
 #: Below this many tensors a multi-tensor copy is not worth splitting across threads.
 _MIN_TENSORS_TO_SPLIT = 64
 
@@ -109,6 +112,15 @@ class MultiCopy:
                 future.result()
 
 
+def _memory_order_1d(tensor: Tensor) -> Tensor | None:
+    """A 1-d view of a dense tensor's elements in the order they lie in memory, or None if not dense."""
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    if not is_dense(tensor):
+        return None
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
+
+
 def _copy_without_grad(destinations: list[Tensor], sources: list[Tensor]) -> None:
     # Grad mode is per thread: a pool thread must leave autograd out of the copy as the caller does.
     with torch.no_grad():
@@ -151,28 +163,43 @@ class FlatState:
 
     def __init__(self, optimizer: ScratchOptimizer, members: list[Tensor], positions: list[int]) -> None:
         first = members[0]
-        self.members, self.positions = members, positions
-        self.take_grads = operator.itemgetter(*positions) if len(positions) > 1 else (
-            lambda grads: (grads[positions[0]],))
         self.sharded = DTensor is not None and isinstance(first, DTensor)
         self.dtype, self.device = first.dtype, first.device
+        self.members = members
+        # A large param is updated where it lies, by a call of its own: copying it (or its gradient) into
+        # a buffer would cost more than that call. Small ones are gathered, and come first; when all are
+        # small and already lie back to back in one storage (contiguous_parameters), that storage is the
+        # buffer (zero copy).
+        large = [_memory_order_1d(local(p)) is not None and local(p).numel() >= DIRECT_NUMEL for p in members]
+        self.flat_param = None if self.sharded or any(large) else _consecutive_storage(self.local_params())
+        self.contiguous = self.flat_param is not None
+        if not self.contiguous:
+            order = sorted(range(len(members)), key=lambda i: large[i])
+            self.members = [members[i] for i in order]
+            positions = [positions[i] for i in order]
+            self.n_gathered = large.count(False)
+        else:
+            self.n_gathered = len(members)
+        self.positions = positions
+        self.take_grads = operator.itemgetter(*positions) if len(positions) > 1 else (
+            lambda grads: (grads[positions[0]],))
         shards = self.local_params()
         self.offsets, total = [], 0
         for shard in shards:
             self.offsets.append(total)
             total += shard.numel()
         self.numel = total
-        self.copy = MultiCopy(shards)
-        # Zero copy when the params already lie back to back in one storage (contiguous_parameters).
-        self.flat_param = None if self.sharded else _consecutive_storage(shards)
-        self.contiguous = self.flat_param is not None
+        self.gathered_numel = self.offsets[self.n_gathered] if self.n_gathered < len(shards) else total
+        self.direct_strides = [shard.stride() for shard in shards[self.n_gathered:]]
+        gathered = shards[:self.n_gathered]
+        self.copy = MultiCopy(gathered) if gathered else None
         if self.contiguous:
             self.data_ptrs = [p.data_ptr() for p in members]
         else:
-            self.flat_param = torch.empty(total, dtype=self.dtype, device=self.device)
-            self.param_views = self._views(self.flat_param, shards)
-        self.flat_grad = torch.empty(total, dtype=self.dtype, device=self.device)
-        self.grad_views = self._views(self.flat_grad, shards)
+            self.flat_param = torch.empty(self.gathered_numel, dtype=self.dtype, device=self.device)
+            self.param_views = self._views(self.flat_param, gathered)
+        self.flat_grad = torch.empty(self.gathered_numel, dtype=self.dtype, device=self.device)
+        self.grad_views = self._views(self.flat_grad, gathered)
         self.state_buffers: dict[str, Tensor] = {}
         self.scalar_buffers: dict[str, Tensor] = {}
         self.adopted = self._adopt_state(optimizer, shards)
@@ -225,9 +252,26 @@ class FlatState:
                 state[key] = view
         return True
 
-    def state_arguments(self, optimizer: ScratchOptimizer) -> list[Tensor | None]:
-        """The flat buffers of ``state_keys`` in the order ``update`` takes them (None where absent)."""
-        return [self.state_buffers.get(key) for key in optimizer.state_keys]
+    def update_arguments(self, optimizer: ScratchOptimizer, grads: Sequence[Tensor]) -> list[list[Tensor | None]]:
+        """The tensors of each ``update`` call of a step, in the order ``update`` takes them: the gathered
+        buffers (after :meth:`gather`), then each large param where it lies, as 1-d views in memory order
+        beside its segment of the state buffers (None for a state key that is absent)."""
+        calls = []
+        if self.n_gathered:
+            states = [None if (buffer := self.state_buffers.get(key)) is None else buffer[:self.gathered_numel]
+                      for key in optimizer.state_keys]
+            calls.append([self.flat_param, self.flat_grad, *states])
+        for index in range(self.n_gathered, len(self.members)):
+            param = local(self.members[index])
+            grad = local(grads[index])
+            if grad.stride() != param.stride():
+                grad = segment_view(torch.empty(param.numel(), dtype=grad.dtype, device=grad.device), 0,
+                                    param).copy_(grad)
+            start, stop = self.offsets[index], self.offsets[index] + param.numel()
+            states = [None if (buffer := self.state_buffers.get(key)) is None else buffer[start:stop]
+                      for key in optimizer.state_keys]
+            calls.append([_memory_order_1d(param), _memory_order_1d(grad), *states])
+        return calls
 
     def check_uniform(self) -> bool:
         """Every member's per-parameter scalars agree (they do unless some skipped a step)."""
@@ -236,8 +280,12 @@ class FlatState:
         return self.uniform
 
     def params_in_place(self) -> bool:
-        """The zero-copy layout still covers the params (``model.to()`` or ``p.data = …`` re-point them)."""
-        return not self.contiguous or list(map(Tensor.data_ptr, self.members)) == self.data_ptrs
+        """The zero-copy layout still covers the params (``model.to()`` or ``p.data = …`` re-point them),
+        and the params updated where they lie keep the memory order of their state segments."""
+        if self.contiguous:
+            return list(map(Tensor.data_ptr, self.members)) == self.data_ptrs
+        return all(local(p).stride() == strides
+                   for p, strides in zip(self.members[self.n_gathered:], self.direct_strides))
 
     def accepts(self, grads: Sequence[Tensor]) -> bool:
         """The gradients can be gathered as they are: of the members' dtype and device, sharded like
@@ -253,13 +301,17 @@ class FlatState:
             isinstance(g, DTensor) and g.placements == p.placements for g, p in zip(grads, self.members))
 
     def gather(self, grads: Sequence[Tensor]) -> None:
-        self.copy(self.grad_views, [g.to_local() for g in grads] if self.sharded else grads)
+        """Copy the small params' gradients (and, unless zero-copy, the params) into the buffers."""
+        if self.copy is None:
+            return
+        gathered = grads[:self.n_gathered]
+        self.copy(self.grad_views, [g.to_local() for g in gathered] if self.sharded else gathered)
         if not self.contiguous:
-            self.copy(self.param_views, self.local_params())
+            self.copy(self.param_views, self.local_params()[:self.n_gathered])
 
     def scatter(self) -> None:
-        if not self.contiguous:
-            self.copy(self.local_params(), self.param_views)
+        if self.copy is not None and not self.contiguous:
+            self.copy(self.local_params()[:self.n_gathered], self.param_views)
 
     def advance_scalars(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> dict[str, Any]:
         """Run the algorithm's per-parameter bookkeeping (``step += 1`` …) once, for every member at once.

@@ -175,10 +175,17 @@ def run_compiled(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
         optimizer.update(p, p.grad, *states, **scalars)
 
 
-def _update_buffers(optimizer: ScratchOptimizer, tensors: list[Tensor | None], scalars: dict[str, Any],
-                    compiled: bool) -> None:
-    if not (compiled and _compiled.run(optimizer.update, tensors, scalars)):
+def _update_flat(optimizer: ScratchOptimizer, flat: Any, grads: Any, scalars: dict[str, Any], compiled: bool) -> None:
+    """``update`` on the gathered buffers and on each large param where it lies (one recording serves
+    every call of a step: they differ only in length), then the small params get their new values."""
+    program = None
+    for tensors in flat.update_arguments(optimizer, grads):
+        if compiled:
+            program = _compiled.run(optimizer.update, tensors, scalars, program)
+            if program is not None:
+                continue
         optimizer.update(*tensors, **scalars)
+    flat.scatter()
 
 
 def _layouts(optimizer: ScratchOptimizer) -> dict[int, GroupLayout]:
@@ -200,11 +207,9 @@ def _flat_fast_step(optimizer: ScratchOptimizer, group: dict[str, Any], compiled
     except RuntimeError:  # a sparse gradient: copy_ refuses it before writing; the slow path handles it
         return False
     hyperparameters = optimizer.update_arguments(group)
-    for flat in layout.flats:
+    for flat, flat_grads in zip(layout.flats, grads):
         values = {k: _python_scalar(v) for k, v in flat.advance_scalars(optimizer, group).items()}
-        tensors = [flat.flat_param, flat.flat_grad, *flat.state_arguments(optimizer)]
-        _update_buffers(optimizer, tensors, {**hyperparameters, **values}, compiled)
-        flat.scatter()
+        _update_flat(optimizer, flat, flat_grads, {**hyperparameters, **values}, compiled)
     return True
 
 
@@ -243,10 +248,9 @@ def _run_flat(optimizer: ScratchOptimizer, group: dict[str, Any], compiled: bool
         present = [p for p in flat.members if p in values]
         first = values[present[0]] if present else None
         if flat.adopted and len(present) == len(flat.members) and all(values[p] == first for p in present):
-            flat.gather([p.grad for p in flat.members])
-            tensors = [flat.flat_param, flat.flat_grad, *flat.state_arguments(optimizer)]
-            _update_buffers(optimizer, tensors, {**hyperparameters, **first}, compiled)
-            flat.scatter()
+            grads = [p.grad for p in flat.members]
+            flat.gather(grads)
+            _update_flat(optimizer, flat, grads, {**hyperparameters, **first}, compiled)
         elif present:
             _foreach_counted(optimizer, hyperparameters, present, values)
         flat.uniform = None

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import scratchopt
 from ranks import run_checks
+from scratchopt import _compiled
 
 STRATEGIES = scratchopt.strategies.NAMES
 #: The algorithms run under FSDP2 and DDP: one with two moments and a ``step``, one with a buffer made
@@ -269,7 +270,9 @@ def checks(out_dir: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
 
 
 def main(rank: int, world_size: int, store: dist.Store, out_dir: Path) -> dict[str, Any]:
-    """Run every check on this rank (see :func:`ranks.launch`)."""
+    """Run every check on this rank (see :func:`ranks.launch`). The test model's tensors are small: let
+    them reach the compiled kernels, as tests/conftest.py does in the main process."""
+    _compiled.MIN_KERNEL_NUMEL = 2
     return run_checks(checks(out_dir), rank, world_size, store, out_dir)
 
 

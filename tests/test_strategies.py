@@ -648,3 +648,57 @@ def test_impl_says_what_runs(impl):
                 cls(params, impl=impl)
             continue
         assert cls(params, impl=impl).impl == (impl if cls.elementwise else "loop"), name
+
+
+def test_small_buffers_run_the_eager_update(monkeypatch):
+    """Below ``MIN_KERNEL_NUMEL`` elements the fused strategy runs the eager update (bit-exact with the
+    loop, and faster there than recording and calling a kernel); above it, a kernel."""
+    monkeypatch.setattr(_compiled, "MIN_KERNEL_NUMEL", 16384)
+    for width, compiles in ((8, False), (160, True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+        reference = copy.deepcopy(model)
+        ours = scratchopt.Adam(model.parameters(), lr=0.01, impl="fused")
+        loop = scratchopt.Adam(reference.parameters(), lr=0.01)
+        before = len(_compiled.COMPILE_SECONDS)
+        _compiled.clear_kernels()
+        x = torch.randn(4, width)
+        for _ in range(3):
+            for net, opt in ((model, ours), (reference, loop)):
+                opt.zero_grad()
+                net(x).square().mean().backward()
+                opt.step()
+        assert (len(_compiled.COMPILE_SECONDS) > before) == compiles, f"width {width}"
+        assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), f"width {width}",
+                          exact=not compiles)
+
+
+@pytest.mark.parametrize("impl", ["flat", "fused"])
+def test_large_params_are_updated_where_they_lie(impl):
+    """A param of at least DIRECT_NUMEL elements is not gathered: it is updated in place by a call of its
+    own (a transposed one in its memory order, a gradient laid out otherwise copied first), beside the
+    small params' buffer."""
+    from scratchopt._flat import DIRECT_NUMEL
+
+    def build():
+        gen = torch.Generator().manual_seed(5)
+        big = torch.randn(300, 256, generator=gen)
+        return [big.clone().requires_grad_(), big.t().contiguous().t().requires_grad_(),
+                torch.randn(7, generator=gen).requires_grad_(), torch.randn((), generator=gen).requires_grad_()]
+
+    ours_params, loop_params = build(), build()
+    assert ours_params[0].numel() >= DIRECT_NUMEL and not ours_params[1].is_contiguous()
+    storage = _storage_of(ours_params)
+    ours = scratchopt.AdamW(ours_params, lr=0.01, impl=impl)
+    loop = scratchopt.AdamW(loop_params, lr=0.01)
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        for a, b in zip(ours_params, loop_params):
+            grad = torch.randn(a.shape, generator=gen)
+            a.grad = grad.clone() if step % 2 else grad.t().contiguous().t() if grad.dim() == 2 else grad.clone()
+            b.grad = grad.clone()
+        ours.step()
+        loop.step()
+    assert _storage_of(ours_params) == storage
+    _assert_flat_state(ours)
+    assert_same_state(ours, loop, ours_params, loop_params, f"large params {impl}", exact=impl == "flat")
