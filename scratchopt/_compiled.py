@@ -516,10 +516,11 @@ def non_elementwise_operation(update: Callable[..., None], tensors: Sequence[Ten
     try:
         program = record(update, tensors, scalars)
     except NotCompilable as error:
-        return str(error)
+        return f"does what a stand-in cannot follow ({error})"
     except (AttributeError, TypeError) as error:  # .mT, @ and other operations a stand-in does not have
-        return f"an operation stand-ins do not support ({type(error).__name__}: {error})"
-    return _first_non_elementwise(program)
+        return f"uses an operation stand-ins do not have ({type(error).__name__}: {error})"
+    operation = _first_non_elementwise(program)
+    return None if operation is None else f"calls {operation}"
 
 
 def _first_non_elementwise(program: Program) -> str | None:

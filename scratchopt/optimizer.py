@@ -136,7 +136,10 @@ class ScratchOptimizer(Optimizer):
             if not group["params"]:
                 continue
             first = group["params"][0]
-            probe = torch.zeros(2, dtype=first.dtype, device=first.device)
+            # A real probe for a complex param: the operations are the same, and complex scalars (a
+            # tensor beta cast like a complex param) cannot be followed by the stand-ins.
+            dtype = first.dtype.to_real()
+            probe = torch.zeros(2, dtype=dtype, device=first.device)
             probe.grad = torch.zeros_like(probe)
             arguments = self.count_step(probe, group)
             state = self.state.pop(probe, {})
@@ -146,9 +149,9 @@ class ScratchOptimizer(Optimizer):
             operation = _compiled.non_elementwise_operation(self.update, tensors, scalars)
             if operation is not None:
                 raise TypeError(
-                    f"{type(self).__name__} declares elementwise = True, but its update calls {operation}, "
-                    "which is not elementwise (it reduces, reshapes, mixes elements or reads tensor data); "
-                    "declare elementwise = False to run it per tensor under every impl"
+                    f"{type(self).__name__} declares elementwise = True, but its update {operation}: not "
+                    "elementwise (it may reduce, reshape, mix elements or read tensor data); declare "
+                    "elementwise = False to run it per tensor under every impl"
                 )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

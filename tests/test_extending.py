@@ -111,7 +111,7 @@ def test_a_false_elementwise_declaration_is_refused_before_any_step():
         elementwise = True
 
     p = torch.ones(3, 2, requires_grad=True)
-    with pytest.raises(TypeError, match=r"declares elementwise = True, but its update calls Tensor.norm"):
+    with pytest.raises(TypeError, match=r"declares elementwise = True, but its update calls Tensor.norm: not elementwise"):
         FalselyElementwise([p], impl="fused")
     assert torch.equal(p, torch.ones(3, 2))
 
