@@ -71,6 +71,8 @@ class Program:
             self.metas.append(None)
             self.devices.append(t.device)
         self.n_inputs = len(self.metas)
+        self.kernel: Callable[..., Any] | None = None
+        self.tape_tensor: Tensor | None = None
 
     # ---- recording -------------------------------------------------------------------------------
     def encode(self, value: Any) -> Any:
@@ -477,8 +479,10 @@ def run(update: Callable[..., None], tensors: Sequence[Tensor | None], scalars: 
             program = record(update, tensors, scalars)
         except NotCompilable:
             return None
-    kernel = kernel_for(program)
-    kernel(*[t for t in tensors if t is not None], tape_tensor(program, first.device))
+    if program.kernel is None:  # a reused program keeps its kernel and its tape for every call of a step
+        program.kernel = kernel_for(program)
+        program.tape_tensor = tape_tensor(program, first.device)
+    program.kernel(*[t for t in tensors if t is not None], program.tape_tensor)
     return program
 
 

@@ -13,10 +13,11 @@ hand ``update``:
     :class:`~scratchopt._tensorlist.TensorList` objects whose methods are ``torch._foreach_*`` calls.
     On the CPU bit-exact with ``loop`` (torch's CPU foreach ops run the single-tensor kernels).
 ``flat``
-    The state lives in one buffer per key (see :mod:`scratchopt._flat`); a step gathers the gradients
-    and the params into buffers, runs ``update`` once per buffer and copies the params back. Bit-exact
-    with ``loop`` on the CPU. A step that cannot run whole runs ``foreach`` on the params and views of
-    the state buffers.
+    The state lives in one buffer per key (see :mod:`scratchopt._flat`); a step gathers the small
+    params and their gradients into buffers, runs ``update`` once on them and copies the params back,
+    and runs ``update`` on each large param (≥ ``DIRECT_NUMEL`` elements) where it lies. Bit-exact with
+    ``loop`` on the CPU. A step that cannot run whole runs ``foreach`` on the params and views of the
+    state buffers.
 ``compiled``
     ``update`` is recorded and replayed by a ``torch.compile``-d kernel (see :mod:`scratchopt._compiled`),
     called per parameter tensor viewed as 1-d. Scheduled hyperparameters and step-dependent scalars
@@ -24,6 +25,8 @@ hand ``update``:
 ``fused``
     ``flat`` + ``compiled``: one generated kernel per buffer — the fastest path; ``fused=True`` maps here.
 
+A tensor or buffer of fewer than ``_compiled.MIN_KERNEL_NUMEL`` elements runs the eager ``update``
+under ``compiled`` and ``fused``: recording it and calling a kernel costs more than it saves there.
 ``compiled`` and ``fused`` are within a few ulp of ``loop`` in float32 and float64, not bit-exact: the
 kernel reproduces ATen's operation order and FMAs, but ATen's float32 ``sqrt`` (Sleef, ≤ 0.5001 ulp) is
 not always the correctly rounded one Inductor emits; in 16-bit dtypes the kernel keeps float32
@@ -166,7 +169,7 @@ def run_compiled(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
         scalars = {**hyperparameters, **values}
         views = _as_1d(_local_shards([p, p.grad, *states])) if p.grad.layout == torch.strided else None
         if views is not None:
-            key = (tuple(sorted(values.items())), tuple(None if t is None else t.dtype for t in views))
+            key = (tuple(sorted(values.items())), tuple(None if t is None else (t.dtype, t.device) for t in views))
             known = recordings.get(key, False)
             if known is not None:
                 recordings[key] = _compiled.run(optimizer.update, views, scalars, known or None)

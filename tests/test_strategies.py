@@ -682,7 +682,7 @@ def test_large_params_are_updated_where_they_lie(impl):
 
     def build():
         gen = torch.Generator().manual_seed(5)
-        big = torch.randn(300, 256, generator=gen)
+        big = torch.randn(1030, 256, generator=gen)
         return [big.clone().requires_grad_(), big.t().contiguous().t().requires_grad_(),
                 torch.randn(7, generator=gen).requires_grad_(), torch.randn((), generator=gen).requires_grad_()]
 
