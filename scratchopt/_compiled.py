@@ -19,12 +19,14 @@ So a step runs in two parts:
 A new ``lr``, beta or step changes only the tape: the compiled kernel is reused. A different program
 (``amsgrad`` switched on, the first step of SGD's momentum buffer) is a different function, compiled once.
 
-Rewrites made while generating the kernel (torch takes only Python numbers there):
-``add_(x, alpha=s)`` → ``add_(x * s)``, ``addcmul_(a, b, value=s)`` → ``add_(s * a * b)``,
-``addcdiv_(a, b, value=s)`` → ``add_(s * a / b)`` (the operation order of torch's CPU kernels), and a
-``lerp_`` weight is cast to the tensor's dtype. An update that reads tensor data into Python (``.item()``,
+Rewrites made while generating the kernel, so that it rounds as ATen's CPU kernels do (torch takes
+these scalars only as numbers): ``add_(x, alpha=s)`` → ``fma(x, s, self)``, ``addcmul_(a, b, value=s)``
+→ ``fma(s·a, b, self)``, ``addcdiv_(a, b, value=s)`` → ``self + s·a/b``, and ``lerp_(end, w)`` →
+``fma(w, end − self, self)`` or ``fma(self − end, 1 − w, end)``, ATen's choice by |w| < ½, made while
+recording and part of the program's key. An update that reads tensor data into Python (``.item()``,
 ``if (x > 0).any()``) cannot be recorded: :class:`NotCompilable` is raised before anything ran, and the
-strategy falls back to the eager update.
+strategy falls back to the eager update. A program with an operation that is not elementwise is refused
+(:func:`non_elementwise_operation`): on a buffer of many tensors it would give wrong numbers.
 """
 
 from __future__ import annotations
