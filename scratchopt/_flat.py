@@ -116,7 +116,7 @@ class MultiCopy:
                 future.result()
 
 
-def _memory_order_1d(tensor: Tensor) -> Tensor | None:
+def memory_order_1d(tensor: Tensor) -> Tensor | None:
     """A 1-d view of a dense tensor's elements in the order they lie in memory, or None if not dense."""
     if tensor.is_contiguous():
         return tensor.view(-1)
@@ -174,7 +174,7 @@ class FlatState:
         # a buffer would cost more than that call. Small ones are gathered, and come first; when all are
         # small and already lie back to back in one storage (contiguous_parameters), that storage is the
         # buffer (zero copy).
-        large = [_memory_order_1d(local(p)) is not None and local(p).numel() >= DIRECT_NUMEL for p in members]
+        large = [memory_order_1d(local(p)) is not None and local(p).numel() >= DIRECT_NUMEL for p in members]
         self.flat_param = None if self.sharded or any(large) else _consecutive_storage(self.local_params())
         self.contiguous = self.flat_param is not None
         if not self.contiguous:
@@ -274,7 +274,7 @@ class FlatState:
             start, stop = self.offsets[index], self.offsets[index] + param.numel()
             states = [None if (buffer := self.state_buffers.get(key)) is None else buffer[start:stop]
                       for key in optimizer.state_keys]
-            calls.append([_memory_order_1d(param), _memory_order_1d(grad), *states])
+            calls.append([memory_order_1d(param), memory_order_1d(grad), *states])
         return calls
 
     def check_uniform(self) -> bool:

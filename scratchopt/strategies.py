@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from scratchopt import _compiled
-from scratchopt._flat import DTensor, GroupLayout, is_dense
+from scratchopt._flat import DTensor, GroupLayout, memory_order_1d
 from scratchopt._tensorlist import TensorList
 
 if TYPE_CHECKING:
@@ -133,15 +133,15 @@ def run_foreach(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
 
 
 def _as_1d(tensors: list[Tensor | None]) -> list[Tensor | None] | None:
-    """The tensors as 1-d views over the same elements in the same order, or None if they cannot be."""
+    """The tensors as 1-d views over the same elements in the same order, or None if they cannot be:
+    each in its memory order, which is one order for all when they are contiguous or strided alike."""
     present = [t for t in tensors if t is not None]
-    first = present[0]
-    if all(t.is_contiguous() for t in present):
-        return [None if t is None else t.view(-1) for t in tensors]
-    same_layout = all(t.stride() == first.stride() and t.shape == first.shape for t in present)
-    if not same_layout or not all(min(t.stride(), default=1) > 0 and is_dense(t) for t in present):
+    alike = all(t.is_contiguous() for t in present) or all(
+        t.stride() == present[0].stride() and t.shape == present[0].shape for t in present)
+    views = [None if t is None else memory_order_1d(t) for t in tensors]
+    if not alike or any(view is None for view, t in zip(views, tensors) if t is not None):
         return None
-    return [None if t is None else t.as_strided((t.numel(),), (1,), t.storage_offset()) for t in tensors]
+    return views
 
 
 def _local_shards(tensors: list[Tensor | None]) -> list[Tensor | None]:
