@@ -1,6 +1,6 @@
 """Train a small model with FSDP2 and a scratchopt optimizer, beside torch.optim, on CPU processes.
 
-Run it on two processes of this machine (gloo):
+Run it on two processes of one machine (gloo):
 
     torchrun --nproc_per_node 2 examples/fsdp2_train.py
     torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py --impl flat --steps 50
@@ -35,8 +35,9 @@ INPUTS, HIDDEN, OUTPUTS, BATCH = 32, 64, 8, 64
 def build_model(mesh: torch.distributed.device_mesh.DeviceMesh) -> nn.Sequential:
     """The same initial values on every rank (seeded), then sharded layer by layer and as a whole."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(INPUTS, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
-                          nn.Linear(HIDDEN, OUTPUTS))
+    model = nn.Sequential(
+        nn.Linear(INPUTS, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, OUTPUTS)
+    )
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -73,21 +74,23 @@ def mean_over_ranks(value: Tensor) -> float:
 def largest_difference(model: nn.Module, reference: nn.Module) -> float:
     """The largest elementwise difference between two models' whole parameters (a collective)."""
     with torch.no_grad():
-        differences = [(p.full_tensor() - r.full_tensor()).abs().max()
-                       for p, r in zip(model.parameters(), reference.parameters())]
+        differences = [
+            (p.full_tensor() - r.full_tensor()).abs().max() for p, r in zip(model.parameters(), reference.parameters())
+        ]
     return float(torch.stack(differences).max())
 
 
 def main(argv: list[str] | None = None) -> float:
     """Train, print the losses and the difference from torch.optim on rank 0, return that difference."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impl", default="fused", choices=scratchopt.strategies.NAMES,
-                        help="the scratchopt strategy (default: fused)")
+    parser.add_argument(
+        "--impl", default="fused", choices=scratchopt.strategies.NAMES, help="the scratchopt strategy (default: fused)"
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
 
-    # Two processes share this machine's cores: one intra-op thread each keeps them from contending.
+    # Two processes share the machine's cores: one intra-op thread each keeps them from contending.
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # torchrun's environment says where the other ranks are
     try:
@@ -105,9 +108,11 @@ def main(argv: list[str] | None = None) -> float:
         difference = largest_difference(model, reference)
         if rank == 0:
             if isinstance(shard, DTensor):
-                print(f"scratchopt.AdamW(impl={args.impl!r}): exp_avg of the first layer's weight is a DTensor "
-                      f"placed {shard.placements}, this rank's shard {tuple(shard.to_local().shape)} of "
-                      f"{tuple(shard.shape)}")
+                print(
+                    f"scratchopt.AdamW(impl={args.impl!r}): exp_avg of the first layer's weight is a DTensor "
+                    f"placed {shard.placements}, this rank's shard {tuple(shard.to_local().shape)} of "
+                    f"{tuple(shard.shape)}"
+                )
             else:
                 print(f"scratchopt.AdamW(impl={args.impl!r}): the state is not a DTensor")
             print(f"largest difference from torch.optim: {difference:.3e}", flush=True)

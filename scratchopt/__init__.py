@@ -1,31 +1,33 @@
 """scratchopt: deep-learning optimizers written from scratch on PyTorch, proven equal to torch.optim.
 
 Every optimizer is a drop-in :class:`torch.optim.Optimizer` with torch's signature, defaults, state keys
-and errors, plus ``impl=`` to choose how its one ``update`` is executed.
+and errors, plus ``impl=`` to choose how its one ``update`` is executed. The algorithms live in
+:mod:`scratchopt.algorithms` (one module each) and are all exported here; the strategies live in
+:mod:`scratchopt.strategies`; ``docs/design.md`` describes how the two meet.
 """
 
-from scratchopt._flat import contiguous_parameters
-from scratchopt.optimizer import ScratchOptimizer, new_step_counter
-from scratchopt.adadelta import Adadelta
-from scratchopt.adafactor import Adafactor
-from scratchopt.adagrad import Adagrad
-from scratchopt.adam import Adam
-from scratchopt.adamax import Adamax
-from scratchopt.adamw import AdamW
-from scratchopt.asgd import ASGD
-from scratchopt.lbfgs import LBFGS
-from scratchopt.lion import Lion
-from scratchopt.muon import Muon
-from scratchopt.nadam import NAdam
-from scratchopt.nesterov_lookahead import NesterovLookahead
-from scratchopt.overlap import step_in_backward
-from scratchopt.newton import Newton
-from scratchopt.radam import RAdam
-from scratchopt.rmsprop import RMSprop
-from scratchopt.rprop import Rprop
-from scratchopt.sgd import SGD
-from scratchopt.sparse_adam import SparseAdam
+from typing import Any
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NesterovLookahead", "Newton", "Adamax", "NAdam", "RAdam",
-           "ASGD", "Rprop", "LBFGS", "Adafactor", "Muon", "SparseAdam", "Lion", "contiguous_parameters", "step_in_backward",
-           "ScratchOptimizer", "new_step_counter"]
+from scratchopt.algorithms import ALGORITHMS
+from scratchopt.distributed import step_in_backward
+from scratchopt.optimizer import Algorithm, ClosureOptimizer, ScratchOptimizer, new_step_counter
+from scratchopt.strategies.flat_state import contiguous_parameters
+
+globals().update(ALGORITHMS)
+
+__version__ = "0.1.0"
+__all__ = [
+    *ALGORITHMS,
+    "Algorithm",
+    "ClosureOptimizer",
+    "ScratchOptimizer",
+    "contiguous_parameters",
+    "new_step_counter",
+    "step_in_backward",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The algorithms are set above from the registry; this hook only tells type checkers that the
+    # module has attributes they cannot see (``scratchopt.AdamW``), and raises for any other name.
+    raise AttributeError(f"module 'scratchopt' has no attribute {name!r}")

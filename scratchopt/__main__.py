@@ -1,5 +1,5 @@
 """``python -m scratchopt``: the ``scratchopt`` command."""
 
-from scratchopt.cli import main
+from scratchopt.tools.cli import main
 
 main()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt._tensorlist import TensorList
+from scratchopt.strategies.tensorlist import TensorList
 
 
 def cast_like(value: Any, reference: Tensor) -> Any:
@@ -28,8 +28,11 @@ def as_real(*tensors: Any) -> tuple[Any, ...]:
     An ``update`` receives complex parameters as they are and calls this where torch's for-loop does:
     the rounding of the weight-decay term depends on whether it is computed in complex or real arithmetic.
     """
-    return tuple(torch.view_as_real(t) if isinstance(t, (Tensor, TensorList)) and t.is_complex() else t
-                 for t in tensors)
+    # A TensorList answers torch.view_as_real through __torch_function__, tensor by tensor.
+    return tuple(
+        torch.view_as_real(t) if isinstance(t, (Tensor, TensorList)) and t.is_complex() else t  # type: ignore[arg-type]
+        for t in tensors
+    )
 
 
 def get_value(value: Any) -> Any:

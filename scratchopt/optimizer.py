@@ -1,4 +1,11 @@
-"""The base class of every scratchopt algorithm, and the protocol for writing your own.
+"""The base classes of every scratchopt algorithm, and the protocol for writing your own.
+
+:class:`ScratchOptimizer` is an algorithm whose step is one ``update`` per parameter, run by the
+strategies (``impl=``); :class:`ClosureOptimizer` is one whose step needs a closure and is written out in
+full (LBFGS, Newton, NesterovLookahead). Both are real :class:`torch.optim.Optimizer` subclasses and
+both derive from :class:`Algorithm`, which holds what the tools need to know about an algorithm
+(``torch_twin``, ``needs_closure``, ``takes``, ``example_kwargs``, ``elementwise``): declared once on the
+class, read by the registry (:mod:`scratchopt.algorithms`), the test kit, the benchmark and the report.
 
 An algorithm says what its math is and nothing about how it is executed. A subclass of
 :class:`ScratchOptimizer` supplies:
@@ -29,7 +36,13 @@ An algorithm says what its math is and nothing about how it is executed. A subcl
     runs the per-tensor loop under every ``impl``, and ``optimizer.impl`` then says ``"loop"``.
 ``sparse_error``, ``group_defaults``, ``scalar_state_keys``
     torch's error for a sparse gradient (None where sparse gradients are taken), the group keys torch's
-    ``__setstate__`` fills in, and the 0-d state an older torch saved as Python numbers.
+    ``__setstate__`` fills in (besides torch's implementation flags, which the base class supplies), and
+    the 0-d state an older torch saved as Python numbers.
+
+torch's implementation flags (``foreach``, ``fused``, ``capturable``, ``differentiable``) are passed to
+``ScratchOptimizer.__init__`` as keywords, only those the torch twin's signature has: the base class
+puts them in the defaults (so the groups hold torch's keys), maps them onto strategies and refuses the
+combinations torch refuses.
 
 The validators in :mod:`scratchopt.checks` raise torch's exception types with messages naming the
 argument and its range; :mod:`scratchopt.ops` has the few helpers an ``update`` may need besides Tensor
@@ -40,14 +53,21 @@ the strategy chosen with ``impl=``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from scratchopt import _compiled, strategies
+from scratchopt import strategies
+from scratchopt.checks import require_closure
+from scratchopt.strategies.kernels.recording import non_elementwise_operation
+
+#: torch's implementation flags and the value its ``__setstate__`` fills in for each.
+TORCH_FLAGS: dict[str, Any] = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
 
 
 def scalar_dtype(fused: bool | None = False) -> torch.dtype:
@@ -79,13 +99,67 @@ def resolve_impl(impl: str | None, foreach: bool | None, fused: bool | None) -> 
     if impl is None:
         return implied or "loop"
     if implied is not None and implied != impl:
-        raise ValueError(
-            f"impl={impl!r} contradicts {'fused' if fused else 'foreach'}=True; pass one or the other"
-        )
+        raise ValueError(f"impl={impl!r} contradicts {'fused' if fused else 'foreach'}=True; pass one or the other")
     return impl
 
 
-class ScratchOptimizer(Optimizer):
+def _forget_strategy_data(optimizer: Optimizer) -> None:
+    """After ``load_state_dict`` the state tensors are new: a strategy forgets what it kept for the old."""
+    if isinstance(optimizer, ScratchOptimizer):
+        strategies.reset(optimizer)
+
+
+def _flags_of(cls: type) -> frozenset[str]:
+    """torch's implementation flags the class's constructor takes (those its groups hold)."""
+    return frozenset(TORCH_FLAGS) & set(inspect.signature(cls).parameters)
+
+
+@functools.cache
+def torch_key_order(twin: str) -> tuple[str, ...]:
+    """The order of the group keys of ``torch.optim.<twin>``, read from one built on a probe parameter."""
+    probe = torch.zeros(2, 2, requires_grad=True)
+    return tuple(getattr(torch.optim, twin)([probe]).defaults)
+
+
+def check_state_matches(optimizer: Optimizer, params: list[Tensor], keys: tuple[str, ...]) -> None:
+    """Raise a RuntimeError naming the parameter and key when a state tensor no longer has its
+    parameter's dtype or device (after ``model.to()``), before a step changes anything."""
+    for index, param in enumerate(params):
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key in keys:
+            value = state.get(key)
+            if isinstance(value, Tensor) and (value.dtype != param.dtype or value.device != param.device):
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}: state[{key!r}] of parameter {index} with a gradient is "
+                    f"{value.dtype} on {value.device}, but the parameter is {param.dtype} on "
+                    f"{param.device}; was the model moved with .to() after the first step? "
+                    "optimizer.load_state_dict(optimizer.state_dict()) casts the state like the parameters"
+                )
+
+
+class Algorithm(Optimizer):
+    """What the tools need to know about an algorithm, declared once on its class.
+
+    The registry (:mod:`scratchopt.algorithms`) lists every subclass defined there; the test kit, the
+    demo, the benchmark and the report read these declarations instead of keeping lists of names.
+    """
+
+    #: The ``torch.optim`` class this algorithm reproduces bit for bit, by name; None for none.
+    torch_twin: ClassVar[str | None] = None
+    #: ``step`` requires a closure.
+    needs_closure: ClassVar[bool] = False
+    #: The params and gradients it accepts: any dense ones, matrices only, or sparse gradients only.
+    takes: ClassVar[Literal["any", "matrices", "sparse gradients"]] = "any"
+    #: True when its update treats every element independently, so every strategy may run it.
+    elementwise: ClassVar[bool] = False
+    #: Arguments for the demo, benchmark and report rows, beside the params: those without a default
+    #: and those that make a short run meaningful (torch's defaults otherwise).
+    example_kwargs: ClassVar[dict[str, Any]] = {}
+
+
+class ScratchOptimizer(Algorithm):
     """A :class:`torch.optim.Optimizer` whose subclasses define only the math of one algorithm."""
 
     state_keys: ClassVar[tuple[str, ...]] = ()
@@ -94,71 +168,93 @@ class ScratchOptimizer(Optimizer):
     #: Group keys holding a tuple that ``update`` takes as separate arguments: ``{"betas": ("beta1",
     #: "beta2")}`` passes ``group["betas"][0]`` as ``beta1`` and ``group["betas"][1]`` as ``beta2``.
     split_keys: ClassVar[dict[str, tuple[str, ...]]] = {}
-    #: Group keys torch fills in when it loads a state_dict saved by an older version (``__setstate__``).
+    #: Group keys torch fills in when it loads a state_dict saved by an older version (``__setstate__``),
+    #: besides torch's implementation flags (:data:`TORCH_FLAGS`), which the base class fills in.
     group_defaults: ClassVar[dict[str, Any]] = {}
     #: 0-d state tensors an older version saved as Python numbers.
     scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
-    #: True when ``update`` treats every element independently (no reductions, no per-tensor shapes), so
-    #: that it may run on a list of tensors, on one flat buffer per group or in a compiled kernel. False
-    #: (the safe default) makes every ``impl`` run the per-tensor loop.
-    elementwise: ClassVar[bool] = False
     update: ClassVar[Callable[..., None]]
+    #: False while ``__init__`` runs: the groups are checked once the subclass's own set-up is done.
+    _constructed: bool = True
 
-    def __init__(self, params: Any, defaults: dict[str, Any], impl: str | None = None) -> None:
-        super().__init__(params, defaults)
-        if defaults.get("fused"):
-            if defaults.get("differentiable"):
+    def __init__(
+        self, params: Any, defaults: dict[str, Any], impl: str | None = None, **torch_flags: bool | None
+    ) -> None:
+        unknown = set(torch_flags) - set(TORCH_FLAGS)
+        if unknown:
+            raise TypeError(f"unknown implementation flags {sorted(unknown)}; torch's are {list(TORCH_FLAGS)}")
+        if torch_flags.get("fused"):
+            if torch_flags.get("differentiable"):
                 raise RuntimeError("`fused` does not support `differentiable`")
-            if defaults.get("foreach"):
+            if torch_flags.get("foreach"):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if defaults.get("differentiable"):
+        if torch_flags.get("differentiable"):
             # torch's differentiable path detaches and clones in algorithm-specific places; running our
             # update under autograd would give gradients that differ from torch's, so we refuse it.
             raise NotImplementedError("differentiable=True is not supported by scratchopt; use torch.optim")
         #: The strategy that runs: the one asked for, or "loop" for an algorithm that is not elementwise
         #: (its update reduces over or reshapes a tensor, so it may not run on lists, buffers or kernels).
-        self.impl = resolve_impl(impl, defaults.get("foreach"), defaults.get("fused")) if self.elementwise else "loop"
-        # torch's load_state_dict replaces the state tensors: flat layouts are rebuilt from the new ones.
-        self.register_load_state_dict_post_hook(strategies.forget_layouts)
-        if self.elementwise:
-            self._check_elementwise_declaration()
+        impl = resolve_impl(impl, torch_flags.get("foreach"), torch_flags.get("fused"))
+        self.impl = impl if self.elementwise else "loop"
+        self._constructed = False
+        merged = {**defaults, **torch_flags}
+        if self.torch_twin is not None:  # torch interleaves its flags with the hyperparameters
+            order = torch_key_order(self.torch_twin)
+            merged = dict(
+                sorted(merged.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+            )
+        super().__init__(params, merged)
+        # torch's load_state_dict replaces the state tensors: a strategy forgets what it kept for them.
+        self.register_load_state_dict_post_hook(_forget_strategy_data)
+        self._constructed = True
+        for group in self.param_groups:
+            self._check_elementwise_declaration(group)
 
-    def _check_elementwise_declaration(self) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if self._constructed:
+            self._check_elementwise_declaration(self.param_groups[-1])
+
+    def _check_elementwise_declaration(self, group: dict[str, Any]) -> None:
         """Run ``update`` on stand-ins, as its first step would run, and refuse a false declaration.
 
         A reduction or a reshape on a buffer that concatenates many tensors, or on a tensor viewed as 1-d,
-        gives silently wrong numbers; so ``elementwise = True`` is checked here, before any step, and the
-        compiled strategies check every new program again.
+        gives silently wrong numbers; so ``elementwise = True`` is checked for every group, before any
+        step, and the compiled strategies check every new program again.
         """
-        for group in self.param_groups:
-            if not group["params"]:
-                continue
-            first = group["params"][0]
-            # A real probe for a complex param: the operations are the same, and complex scalars (a
-            # tensor beta cast like a complex param) cannot be followed by the stand-ins.
-            dtype = first.dtype.to_real()
-            probe = torch.zeros(2, dtype=dtype, device=first.device)
-            probe.grad = torch.zeros_like(probe)
-            arguments = self.count_step(probe, group)
-            state = self.state.pop(probe, {})
-            tensors = [probe, probe.grad, *[state.get(key) for key in self.state_keys]]
-            scalars = {**self.update_arguments(group), **{k: v.item() if isinstance(v, Tensor) else v
-                                                            for k, v in arguments.items()}}
-            operation = _compiled.non_elementwise_operation(self.update, tensors, scalars)
-            if operation is not None:
-                raise TypeError(
-                    f"{type(self).__name__} declares elementwise = True, but its update {operation}: not "
-                    "elementwise (it may reduce, reshape, mix elements or read tensor data); declare "
-                    "elementwise = False to run it per tensor under every impl"
-                )
+        if not self.elementwise or not group["params"]:
+            return
+        first = group["params"][0]
+        # A real probe for a complex param: the operations are the same, and complex scalars (a tensor
+        # beta cast like a complex param) cannot be followed by the stand-ins.
+        probe = torch.zeros(2, dtype=first.dtype.to_real(), device=first.device)
+        probe.grad = torch.zeros_like(probe)
+        arguments = self.count_step(probe, group)
+        state = self.state.pop(probe, {})
+        tensors = [probe, probe.grad, *[state.get(key) for key in self.state_keys]]
+        scalars = {
+            **self.update_arguments(group),
+            **{k: v.item() if isinstance(v, Tensor) else v for k, v in arguments.items()},
+        }
+        operation = non_elementwise_operation(self.update, tensors, scalars)
+        if operation is not None:
+            raise TypeError(
+                f"{type(self).__name__} declares elementwise = True, but its update {operation}: not "
+                "elementwise (it may reduce, reshape, mix elements or read tensor data); declare "
+                "elementwise = False to run it per tensor under every impl"
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.register_load_state_dict_post_hook(strategies.forget_layouts)
+        self.register_load_state_dict_post_hook(_forget_strategy_data)
+        group_defaults = {
+            **{flag: value for flag, value in TORCH_FLAGS.items() if flag in _flags_of(type(self))},
+            **self.group_defaults,
+        }
         for group in self.param_groups:
-            for key, value in self.group_defaults.items():
+            for key, value in group_defaults.items():
                 group.setdefault(key, value)
             for param in group["params"]:
                 param_state = self.state.get(param, {})
@@ -201,37 +297,27 @@ class ScratchOptimizer(Optimizer):
 
     def check_grad(self, param: Tensor) -> None:
         """Raise torch's error for a gradient this algorithm refuses (sparse ones, unless it takes them)."""
-        if param.grad.is_sparse and self.sparse_error is not None:
+        if param.grad is not None and param.grad.is_sparse and self.sparse_error is not None:
             raise RuntimeError(self.sparse_error)
 
     def check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Check the params a step will update, before it changes anything.
+        """Check the params a step will update, before it changes anything; every strategy's step calls
+        it (through the dispatcher) with the group's params that have a gradient.
 
         Besides the gradients, each state tensor must still have its parameter's dtype and device. After
         ``model.to(dtype or device)`` it does not: torch's for-loop then fails halfway through a step (or,
         for some algorithms and dtypes, silently mixes precisions); every scratchopt strategy raises here
         instead, and ``optimizer.load_state_dict(optimizer.state_dict())`` casts the state like the params.
         """
-        for index, param in enumerate(params):
+        for param in params:
             self.check_grad(param)
-            state = self.state.get(param)
-            if not state:
-                continue
-            for key in self.state_keys:
-                value = state.get(key)
-                if isinstance(value, Tensor) and (value.dtype != param.dtype or value.device != param.device):
-                    raise RuntimeError(
-                        f"{type(self).__name__}: state[{key!r}] of parameter {index} with a gradient is "
-                        f"{value.dtype} on {value.device}, but the parameter is {param.dtype} on "
-                        f"{param.device}; was the model moved with .to() after the first step? "
-                        "optimizer.load_state_dict(optimizer.state_dict()) casts the state like the parameters"
-                    )
+        check_state_matches(self, params, self.state_keys)
 
     def apply_updates(self) -> None:
         """Update every group with the strategy ``self.impl`` (under ``torch.no_grad()``)."""
         with torch.no_grad():
             for group in self.param_groups:
-                strategies.run(self.impl, self, group)
+                strategies.run(self, group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step; with a closure, re-evaluate the loss first and return it."""
@@ -246,3 +332,31 @@ class ScratchOptimizer(Optimizer):
         state = super().__getstate__()
         state["impl"] = self.impl
         return state
+
+
+class ClosureOptimizer(Algorithm):
+    """An algorithm whose ``step(closure)`` is written out in full: it evaluates the loss (and its
+    derivatives) itself, so there is no per-parameter ``update`` for strategies to run.
+
+    ``impl`` is accepted for a uniform signature, and only as ``None`` or ``"loop"``.
+    """
+
+    needs_closure = True
+    elementwise = False
+    #: What the closure must do, for the error raised when it is missing.
+    closure_contract: ClassVar[str] = (
+        "one that zeroes the gradients, computes the loss, calls backward() and returns the loss"
+    )
+    impl = "loop"
+
+    def __init__(self, params: Any, defaults: dict[str, Any], impl: str | None = None) -> None:
+        if impl not in (None, "loop"):
+            raise ValueError(
+                f"{type(self).__name__} runs only impl='loop' (got impl={impl!r}): its step needs a closure "
+                "and is written out in full, so there is no per-tensor update to batch or compile"
+            )
+        super().__init__(params, defaults)
+
+    def require_closure(self, closure: Any) -> None:
+        """torch's LBFGS raises TypeError for a missing closure; so does every closure algorithm."""
+        require_closure(self, closure, self.closure_contract)

@@ -21,17 +21,27 @@ The pieces (:func:`hard_params`, :func:`gradients`, :func:`assert_same_state` â€
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-#: Strategies that must equal the loop bit for bit, and those allowed a few ulp (compiled kernels).
-EXACT_IMPLS: tuple[str, ...] = ("foreach", "flat")
-COMPILED_IMPLS: tuple[str, ...] = ("compiled", "fused")
-#: The tolerance of the compiled strategies, in units in the last place of the compared values.
-FEW_ULP = 8
+from scratchopt.strategies import STRATEGIES, approximate_names, exact_names
+
+#: Strategies that must equal the loop bit for bit, and those allowed a few ulp (compiled kernels), as
+#: each declares in the registry (:data:`scratchopt.strategies.STRATEGIES`).
+EXACT_IMPLS: tuple[str, ...] = exact_names()
+COMPILED_IMPLS: tuple[str, ...] = approximate_names()
+#: The largest tolerance a strategy declares, in units in the last place of the compared values.
+FEW_ULP = max(strategy.ulp for strategy in STRATEGIES.values())
+
+
+def is_exact(impl: str) -> bool:
+    """The strategy named ``impl`` declares itself bit-exact with the loop."""
+    return STRATEGIES[impl].exact
+
 
 #: ``reference(param, grad, state, **hyperparameters)``: one step of the algorithm on one tensor, in place;
 #: ``state`` is a dict the reference keeps for that tensor between steps.
@@ -45,12 +55,31 @@ def hard_params(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Tenso
     def rand(*shape: int) -> Tensor:
         if dtype.is_complex:
             real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
-            return torch.complex(torch.randn(shape, generator=gen, dtype=real_dtype),
-                                 torch.randn(shape, generator=gen, dtype=real_dtype))
+            return torch.complex(
+                torch.randn(shape, generator=gen, dtype=real_dtype), torch.randn(shape, generator=gen, dtype=real_dtype)
+            )
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
     params = [rand(5, 4), rand(), rand(6, 3).t(), rand(4), rand(3)]
     return [p.detach().requires_grad_(index != 4) for index, p in enumerate(params)]
+
+
+def hard_matrices(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Tensor]:
+    """The hard parameter set for an algorithm that takes matrices only (Muon): tall, wide, a
+    non-contiguous (transposed) one, one that gets no gradient on some steps (index 3), a frozen one."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((5, 4), (3, 6), (6, 3), (2, 4), (3, 3))
+    params = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in shapes]
+    params[2] = params[2].t()
+    params = [p.detach().requires_grad_(i != 4) for i, p in enumerate(params)]
+    assert not params[2].is_contiguous()
+    return params
+
+
+def hard_params_for(cls: type[Any]) -> Callable[[torch.dtype], list[Tensor]]:
+    """The hard parameter set an algorithm accepts: :func:`hard_matrices` for one that declares
+    ``takes = "matrices"``, :func:`hard_params` otherwise."""
+    return hard_matrices if getattr(cls, "takes", "any") == "matrices" else hard_params
 
 
 def hard_groups(params: list[Tensor]) -> list[dict[str, Any]]:
@@ -90,8 +119,12 @@ def ulp_distance(actual: Tensor, expected: Tensor) -> int:
         return 0
     if actual.is_complex():
         return ulp_distance(torch.view_as_real(actual), torch.view_as_real(expected))
-    int_dtype, width = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64),
-                        torch.float16: (torch.int16, 16), torch.bfloat16: (torch.int16, 16)}[actual.dtype]
+    int_dtype, width = {
+        torch.float32: (torch.int32, 32),
+        torch.float64: (torch.int64, 64),
+        torch.float16: (torch.int16, 16),
+        torch.bfloat16: (torch.int16, 16),
+    }[actual.dtype]
     a = actual.detach().contiguous().view(int_dtype).to(torch.int64)
     b = expected.detach().contiguous().view(int_dtype).to(torch.int64)
     magnitude = (1 << (width - 1)) - 1
@@ -103,20 +136,33 @@ def ulp_distance(actual: Tensor, expected: Tensor) -> int:
 def assert_close(actual: Tensor, expected: Tensor, what: str, exact: bool = True) -> None:
     """Bit-for-bit equal, or (``exact=False``) within :data:`FEW_ULP` ulp of the larger of 1 and the
     largest value."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
         f"{what}: {actual.dtype} {tuple(actual.shape)} != {expected.dtype} {tuple(expected.shape)}"
+    )
     if exact:
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
         return
     real = expected.real if expected.is_complex() else expected
     eps = torch.finfo(real.dtype).eps
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=FEW_ULP * eps, atol=FEW_ULP * eps * scale, equal_nan=True,
-                               msg=lambda m: f"{what} ({ulp_distance(actual, expected)} ulp): {m}")
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=FEW_ULP * eps,
+        atol=FEW_ULP * eps * scale,
+        equal_nan=True,
+        msg=lambda m: f"{what} ({ulp_distance(actual, expected)} ulp): {m}",
+    )
 
 
-def assert_same_state(ours: torch.optim.Optimizer, reference: torch.optim.Optimizer, ours_params: Sequence[Tensor],
-                      reference_params: Sequence[Tensor], what: str, exact: bool = True) -> None:
+def assert_same_state(
+    ours: torch.optim.Optimizer,
+    reference: torch.optim.Optimizer,
+    ours_params: Sequence[Tensor],
+    reference_params: Sequence[Tensor],
+    what: str,
+    exact: bool = True,
+) -> None:
     """Equal params, and equal state (same keys, every tensor) for each pair of params."""
     for index, (a, b) in enumerate(zip(ours_params, reference_params)):
         assert_close(a.detach(), b.detach(), f"{what}: param {index}", exact)
@@ -134,11 +180,18 @@ def set_gradients(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> N
         p.grad = None if grad is None else grad_like(grad, p)
 
 
-def compare_with_loop(cls: type, kwargs: dict[str, Any], impl: str, dtype: torch.dtype = torch.float32,
-                      steps: int = 20, make_params: Callable[[torch.dtype], list[Tensor]] = hard_params,
-                      make_groups: Callable[[list[Tensor]], Any] = hard_groups, exact: bool | None = None) -> None:
+def compare_with_loop(
+    cls: type[Any],
+    kwargs: dict[str, Any],
+    impl: str,
+    dtype: torch.dtype = torch.float32,
+    steps: int = 20,
+    make_params: Callable[[torch.dtype], list[Tensor]] = hard_params,
+    make_groups: Callable[[list[Tensor]], Any] = hard_groups,
+    exact: bool | None = None,
+) -> None:
     """``cls(..., impl=impl)`` beside ``cls(...)`` (the loop) for ``steps`` steps on the same gradients."""
-    exact = impl not in COMPILED_IMPLS if exact is None else exact
+    exact = is_exact(impl) if exact is None else exact
     loop_params = make_params(dtype)
     ours_params = copy_params(loop_params)
     loop = cls(make_groups(loop_params), **copy.deepcopy(kwargs))
@@ -152,11 +205,20 @@ def compare_with_loop(cls: type, kwargs: dict[str, Any], impl: str, dtype: torch
     assert_same_state(ours, loop, ours_params, loop_params, f"{cls.__name__} impl={impl!r} {dtype}", exact)
 
 
-def check_state_dict_round_trip(cls: type, kwargs: dict[str, Any], impl: str = "loop",
-                                dtype: torch.dtype = torch.float64, steps: int = 8,
-                                make_params: Callable[[torch.dtype], list[Tensor]] = hard_params) -> None:
+def check_state_dict_round_trip(
+    cls: type[Any],
+    kwargs: dict[str, Any],
+    impl: str = "loop",
+    dtype: torch.dtype = torch.float32,
+    steps: int = 8,
+    make_params: Callable[[torch.dtype], list[Tensor]] = hard_params,
+) -> None:
     """k steps, ``state_dict()`` saved and loaded into a new optimizer (on copies of the params), k more
-    steps there: equal to an uninterrupted run."""
+    steps there: equal to an uninterrupted run.
+
+    In float32 by default: torch's ``load_state_dict`` casts 0-d float state (ASGD's ``eta``, NAdam's
+    ``mu_product``, kept in float32) to a float64 param's dtype, so a float64 run resumed in torch itself
+    differs from an uninterrupted one."""
     params = make_params(dtype)
     uninterrupted_params = copy_params(params)
     uninterrupted = cls(hard_groups(uninterrupted_params), **copy.deepcopy(kwargs), impl=impl)
@@ -175,15 +237,27 @@ def check_state_dict_round_trip(cls: type, kwargs: dict[str, Any], impl: str = "
             resumed_params = copy_params(params)
             resumed = cls(hard_groups(resumed_params), **copy.deepcopy(kwargs), impl=impl)
             resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+        assert resumed_params is not None
         set_gradients(resumed_params, grads)
         resumed.step()
     assert resumed is not None and resumed_params is not None
-    assert_same_state(resumed, uninterrupted, resumed_params, uninterrupted_params,
-                      f"{cls.__name__} impl={impl!r} resumed from a state_dict", exact=impl not in COMPILED_IMPLS)
+    assert_same_state(
+        resumed,
+        uninterrupted,
+        resumed_params,
+        uninterrupted_params,
+        f"{cls.__name__} impl={impl!r} resumed from a state_dict",
+        exact=is_exact(impl),
+    )
 
 
-def check_scheduler(cls: type, kwargs: dict[str, Any], impl: str = "loop", steps: int = 8,
-                    make_params: Callable[[torch.dtype], list[Tensor]] = hard_params) -> None:
+def check_scheduler(
+    cls: type[Any],
+    kwargs: dict[str, Any],
+    impl: str = "loop",
+    steps: int = 8,
+    make_params: Callable[[torch.dtype], list[Tensor]] = hard_params,
+) -> None:
     """A ``StepLR`` halves ``lr`` every other step. The same run with ``lr`` set by hand in
     ``param_groups`` must give the same params, and a run at a constant ``lr`` other params: the
     optimizer reads its groups afresh at every step."""
@@ -203,15 +277,26 @@ def check_scheduler(cls: type, kwargs: dict[str, Any], impl: str = "loop", steps
                 scheduler.step()
         results[mode] = params
     for index, (a, b) in enumerate(zip(results["scheduler"], results["by hand"])):
-        assert_close(a.detach(), b.detach(), f"{cls.__name__} impl={impl!r} under StepLR: param {index}",
-                     exact=impl not in COMPILED_IMPLS)
-    assert any(not torch.equal(a, b) for a, b in zip(results["scheduler"], results["constant"])), \
+        assert_close(
+            a.detach(), b.detach(), f"{cls.__name__} impl={impl!r} under StepLR: param {index}", exact=is_exact(impl)
+        )
+    if "lr" not in getattr(cls, "hyperparameter_keys", ("lr",)):
+        return  # lr is read only when the state starts (Rprop's initial step size): a schedule has no effect
+    assert any(not torch.equal(a, b) for a, b in zip(results["scheduler"], results["constant"])), (
         f"{cls.__name__} impl={impl!r} under StepLR: the scheduler changed nothing (is lr read from param_groups?)"
+    )
 
 
-def check_reference(cls: type, kwargs: dict[str, Any], reference: ReferenceStep, dtype: torch.dtype = torch.float64,
-                    steps: int = 10, rtol: float = 1e-12, atol: float = 1e-12,
-                    make_params: Callable[[torch.dtype], list[Tensor]] = hard_params) -> None:
+def check_reference(
+    cls: type[Any],
+    kwargs: dict[str, Any],
+    reference: ReferenceStep,
+    dtype: torch.dtype = torch.float64,
+    steps: int = 10,
+    rtol: float = 1e-12,
+    atol: float = 1e-12,
+    make_params: Callable[[torch.dtype], list[Tensor]] = hard_params,
+) -> None:
     """The optimizer against ``reference``, a step written straight from the paper's equations, run
     per tensor as ``reference(param, grad, state, **group)`` with every key of the param's group but
     ``params`` (a param without a gradient is skipped, as torch does)."""
@@ -227,27 +312,38 @@ def check_reference(cls: type, kwargs: dict[str, Any], reference: ReferenceStep,
             hyperparameters = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
                 index = next(i for i, q in enumerate(params) if q is p)
-                if grads[index] is not None:
-                    reference(reference_params[index], grads[index].clone(), reference_states[index],
-                              **hyperparameters)
+                grad = grads[index]
+                if grad is not None:
+                    reference(reference_params[index], grad.clone(), reference_states[index], **hyperparameters)
     for index, (p, expected) in enumerate(zip(params, reference_params)):
-        torch.testing.assert_close(p.detach(), expected, rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{cls.__name__} against the reference: param {index}: {m}")
+        what = f"{cls.__name__} against the reference: param {index}"
+        torch.testing.assert_close(p.detach(), expected, rtol=rtol, atol=atol, msg=functools.partial(_prefixed, what))
 
 
-def check_optimizer(cls: type, kwargs: dict[str, Any] | None = None, *, reference: ReferenceStep | None = None,
-                    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
-                    impls: Sequence[str] | None = None, steps: int = 20,
-                    make_params: Callable[[torch.dtype], list[Tensor]] = hard_params) -> list[str]:
+def _prefixed(what: str, message: str) -> str:
+    return f"{what}: {message}"
+
+
+def check_optimizer(
+    cls: type[Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    reference: ReferenceStep | None = None,
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
+    impls: Sequence[str] | None = None,
+    steps: int = 20,
+    make_params: Callable[[torch.dtype], list[Tensor]] | None = None,
+) -> list[str]:
     """Every check above for ``cls(params, **kwargs)``; returns the names of the checks that ran.
 
     ``impls`` defaults to every strategy when ``cls.elementwise`` is true (then each must match the
     loop), and to the loop alone otherwise (the other strategies run the loop for it, and say so in
-    ``optimizer.impl``, which is checked too). ``make_params(dtype)`` replaces the hard parameter set for
-    an optimizer that takes only some shapes (five params: the fourth misses some gradients, the fifth
-    is frozen).
+    ``optimizer.impl``, which is checked too). ``make_params(dtype)`` replaces the hard parameter set
+    (five params: the fourth misses some gradients, the fifth is frozen); by default it is the one the
+    class's ``takes`` declaration accepts (:func:`hard_params_for`).
     """
     kwargs = dict(kwargs or {})
+    make_params = hard_params_for(cls) if make_params is None else make_params
     if impls is None:
         impls = EXACT_IMPLS + COMPILED_IMPLS if cls.elementwise else ()
     ran = []

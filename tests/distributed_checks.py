@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from ranks import run_checks
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -38,8 +39,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import scratchopt
-from ranks import run_checks
-from scratchopt import _compiled
+from scratchopt.strategies.kernels import cache as _compiled
 
 STRATEGIES = scratchopt.strategies.NAMES
 #: The algorithms run under FSDP2 and DDP: one with two moments and a ``step``, one with a buffer made
@@ -109,8 +109,9 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
-def assert_state_laid_out_like_torch(model: nn.Module, ours: torch.optim.Optimizer, their_model: nn.Module,
-                                     theirs: torch.optim.Optimizer) -> None:
+def assert_state_laid_out_like_torch(
+    model: nn.Module, ours: torch.optim.Optimizer, their_model: nn.Module, theirs: torch.optim.Optimizer
+) -> None:
     """Each state value has torch's kind; parameter-sized state is a DTensor sharded like its parameter."""
     their_params = dict(their_model.named_parameters())
     for name, param in model.named_parameters():
@@ -118,10 +119,12 @@ def assert_state_laid_out_like_torch(model: nn.Module, ours: torch.optim.Optimiz
         assert set(our_state) == set(their_state), f"{name}: state keys {set(our_state)} != {set(their_state)}"
         for key, value in our_state.items():
             assert describe(value) == describe(their_state[key]), (
-                f"{name}:{key} is {describe(value)}, torch's is {describe(their_state[key])}")
+                f"{name}:{key} is {describe(value)}, torch's is {describe(their_state[key])}"
+            )
             if isinstance(param, DTensor) and isinstance(value, Tensor) and value.shape == param.shape:
                 assert isinstance(value, DTensor) and value.placements == param.placements, (
-                    f"{name}:{key} is {describe(value)}; its parameter is {describe(param)}")
+                    f"{name}:{key} is {describe(value)}; its parameter is {describe(param)}"
+                )
                 assert value.to_local().shape == param.to_local().shape, f"{name}:{key}: local shard shape"
 
 
@@ -135,8 +138,9 @@ def save_pairs(out_dir: Path, check: str, pairs: dict[str, tuple[dict[str, Tenso
         torch.save(pairs, out_dir / f"{check.replace('/', '-')}.pt")
 
 
-def check_against_torch(wrap: Callable[[nn.Module], nn.Module], algorithm: str, impl: str, out_dir: Path,
-                        check: str) -> dict[str, Any]:
+def check_against_torch(
+    wrap: Callable[[nn.Module], nn.Module], algorithm: str, impl: str, out_dir: Path, check: str
+) -> dict[str, Any]:
     """``STEPS`` steps of scratchopt and of torch.optim, each on its own wrapped copy of the MLP."""
     kwargs = ALGORITHMS[algorithm]
     model, their_model = wrap(mlp(0)), wrap(mlp(0))
@@ -177,8 +181,9 @@ def check_dcp_resume(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
     model = sharded(mlp(0))
     optimizer = scratchopt.AdamW(model.parameters(), impl=impl, **kwargs)
     train(model, optimizer, range(STEPS_BEFORE_SAVE))
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=path)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path
+    )
     train(model, optimizer, range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_LOAD))
 
     resumed = sharded(mlp(1))  # other initial values: the checkpoint must overwrite all of them
@@ -189,8 +194,9 @@ def check_dcp_resume(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
     set_optimizer_state_dict(resumed, resumed_optimizer, state["optim"])
     train(resumed, resumed_optimizer, range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_LOAD))
     assert_state_laid_out_like_torch(resumed, resumed_optimizer, model, optimizer)
-    save_pairs(out_dir, check, {"resumed vs uninterrupted": (snapshot(resumed, resumed_optimizer),
-                                                             snapshot(model, optimizer))})
+    save_pairs(
+        out_dir, check, {"resumed vs uninterrupted": (snapshot(resumed, resumed_optimizer), snapshot(model, optimizer))}
+    )
     return {}
 
 
@@ -205,8 +211,12 @@ def _consolidated(optimizer: ZeroRedundancyOptimizer) -> dict[str, Any] | None:
 
 
 def _state_tensors(state_dict: dict[str, Any]) -> dict[str, Tensor]:
-    return {f"{index}:{key}": value for index, state in state_dict["state"].items()
-            for key, value in state.items() if isinstance(value, Tensor)}
+    return {
+        f"{index}:{key}": value
+        for index, state in state_dict["state"].items()
+        for key, value in state.items()
+        if isinstance(value, Tensor)
+    }
 
 
 def check_zero(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
@@ -216,8 +226,9 @@ def check_zero(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
     kwargs = ALGORITHMS["AdamW"]
     model, their_model = DistributedDataParallel(mlp(0)), DistributedDataParallel(mlp(0))
     ours = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=scratchopt.AdamW, impl=impl, **kwargs)
-    theirs = ZeroRedundancyOptimizer(their_model.parameters(), optimizer_class=torch.optim.AdamW, foreach=False,
-                                     **kwargs)
+    theirs = ZeroRedundancyOptimizer(
+        their_model.parameters(), optimizer_class=torch.optim.AdamW, foreach=False, **kwargs
+    )
     train(model, ours, range(STEPS_BEFORE_SAVE))
     train(their_model, theirs, range(STEPS_BEFORE_SAVE))
     our_state_dict, their_state_dict = _consolidated(ours), _consolidated(theirs)
@@ -225,15 +236,18 @@ def check_zero(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
     dist.broadcast_object_list(checkpoint, src=0)
     pairs = {"vs torch.optim": (snapshot(model), snapshot(their_model))}
     if dist.get_rank() == 0:
-        pairs["consolidated state_dict vs torch.optim's"] = (_state_tensors(our_state_dict),
-                                                              _state_tensors(their_state_dict))
+        pairs["consolidated state_dict vs torch.optim's"] = (
+            _state_tensors(our_state_dict),
+            _state_tensors(their_state_dict),
+        )
     later = range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_LOAD)
     train(model, ours, later)
 
     resumed = DistributedDataParallel(mlp(1))
     resumed.module.load_state_dict(checkpoint[0])
-    resumed_optimizer = ZeroRedundancyOptimizer(resumed.parameters(), optimizer_class=scratchopt.AdamW, impl=impl,
-                                                **kwargs)
+    resumed_optimizer = ZeroRedundancyOptimizer(
+        resumed.parameters(), optimizer_class=scratchopt.AdamW, impl=impl, **kwargs
+    )
     resumed_optimizer.load_state_dict(checkpoint[1])
     train(resumed, resumed_optimizer, later)
     pairs["resumed vs uninterrupted"] = (snapshot(resumed), snapshot(model))
@@ -251,6 +265,10 @@ def check_ddp_refuses_step_in_backward() -> dict[str, Any]:
     raise AssertionError("step_in_backward accepted a DistributedDataParallel module")
 
 
+#: Checks that assert a refusal and compare no numbers; every other check saves what it compares.
+COMPARES_NOTHING = frozenset({"ddp-step-in-backward/refused"})
+
+
 def checks(out_dir: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
     """Every check, named ``wrapper/…/impl``, for every strategy."""
     for impl in STRATEGIES:
@@ -263,7 +281,10 @@ def checks(out_dir: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
         yield name, lambda i=impl, n=name: check_dcp_resume(i, out_dir, n)
         for algorithm in ALGORITHMS:
             name = f"ddp/{algorithm}/{impl}"
-            yield name, lambda a=algorithm, i=impl, n=name: check_against_torch(DistributedDataParallel, a, i, out_dir, n)
+            yield (
+                name,
+                lambda a=algorithm, i=impl, n=name: check_against_torch(DistributedDataParallel, a, i, out_dir, n),
+            )
         name = f"zero/AdamW/{impl}"
         yield name, lambda i=impl, n=name: check_zero(i, out_dir, n)
     yield "ddp-step-in-backward/refused", check_ddp_refuses_step_in_backward
@@ -271,7 +292,7 @@ def checks(out_dir: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
 
 def main(rank: int, world_size: int, store: dist.Store, out_dir: Path) -> dict[str, Any]:
     """Run every check on this rank (see :func:`ranks.launch`). The test model's tensors are small: let
-    them reach the compiled kernels, as tests/conftest.py does in the main process."""
+    them reach the compiled kernels, as the ``kernels_at_every_size`` fixture does in the main process."""
     _compiled.MIN_KERNEL_NUMEL = 2
     return run_checks(checks(out_dir), rank, world_size, store, out_dir)
 

@@ -11,20 +11,23 @@ import torch
 from torch.testing._internal.common_optimizers import optim_db
 
 import scratchopt
+from scratchopt.algorithms import torch_twins
 from scratchopt.testing import grad_like as _like
-from scratchopt.testing import gradients, hard_groups, hard_params
-
-#: Every torch.optim twin scratchopt implements, by class name.
-ALGORITHMS = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
-              "ASGD", "Rprop", "Adafactor", "Muon", "LBFGS", "SparseAdam"]
-#: Algorithms whose torch class accepts sparse gradients (LBFGS densifies them; SparseAdam takes no other).
-SPARSE_ALGORITHMS = {"SGD", "Adagrad", "LBFGS", "SparseAdam"}
+from scratchopt.testing import gradients, hard_groups, hard_matrices, hard_params
 
 _OPTIM_DB = {info.optim_cls.__name__: info for info in optim_db}
 
+#: Every torch.optim twin scratchopt implements, by class name (from the registry's declarations).
+ALGORITHMS = list(torch_twins())
+#: Algorithms whose torch class accepts sparse gradients, from optim_db's own flags (LBFGS densifies
+#: them; SparseAdam takes no other).
+SPARSE_ALGORITHMS = {
+    name for name in ALGORITHMS if _OPTIM_DB[name].supports_sparse or _OPTIM_DB[name].only_supports_sparse_grads
+}
+
 
 def implemented() -> list[str]:
-    return [name for name in ALGORITHMS if hasattr(scratchopt, name)]
+    return ALGORITHMS
 
 
 def optim_db_info(name: str) -> Any:
@@ -61,10 +64,11 @@ def as_accepted_grad(name: str, grad: torch.Tensor) -> torch.Tensor:
 
 
 def small_model(name: str, in_features: int, out_features: int) -> torch.nn.Module:
-    """A Linear layer; for Muon, which takes matrices only, two bias-free ones."""
-    if name == "Muon":
-        return torch.nn.Sequential(torch.nn.Linear(in_features, 4, bias=False),
-                                   torch.nn.Linear(4, out_features, bias=False))
+    """A Linear layer; for an algorithm that takes matrices only (Muon), two bias-free ones."""
+    if getattr(scratchopt, name).takes == "matrices":
+        return torch.nn.Sequential(
+            torch.nn.Linear(in_features, 4, bias=False), torch.nn.Linear(4, out_features, bias=False)
+        )
     return torch.nn.Linear(in_features, out_features)
 
 
@@ -97,25 +101,9 @@ def cpu_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in ("foreach", "fused", "capturable", "differentiable")}
 
 
-def hard_matrices(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    """The hard parameter set for an algorithm that takes matrices only (Muon): tall, wide, a
-    non-contiguous (transposed) one, one that gets no gradient on some steps (index 3), a frozen one."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = ((5, 4), (3, 6), (6, 3), (2, 4), (3, 3))
-    params = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in shapes]
-    params[2] = params[2].t()
-    params = [p.detach().requires_grad_(i != 4) for i, p in enumerate(params)]
-    assert not params[2].is_contiguous()
-    return params
-
-
-#: Algorithms whose parameters must have a particular form, and the hard parameter set that has it.
-HARD_PARAMS: dict[str, Callable[[torch.dtype], list[torch.Tensor]]] = {"Muon": hard_matrices}
-
-
 def params_for(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The hard parameter set this algorithm accepts."""
-    return HARD_PARAMS.get(name, hard_params)(dtype)
+    """The hard parameter set this algorithm accepts (matrices for one that takes matrices only)."""
+    return hard_matrices(dtype) if getattr(scratchopt, name).takes == "matrices" else hard_params(dtype)
 
 
 def assert_same(actual: Any, expected: Any, what: str, *, exact: bool = True, atol: float = 0, rtol: float = 0) -> None:
@@ -134,15 +122,22 @@ def assert_same(actual: Any, expected: Any, what: str, *, exact: bool = True, at
         if exact:
             torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
         else:
-            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(
+                actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}"
+            )
     else:
         assert type(actual) is type(expected), f"{what}: {type(actual).__name__} != {type(expected).__name__}"
         assert actual == expected, f"{what}: {actual!r} != {expected!r}"
 
 
-def assert_optimizers_equal(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer,
-                            ours_params: list[torch.Tensor], their_params: list[torch.Tensor],
-                            what: str, **tolerance: Any) -> None:
+def assert_optimizers_equal(
+    ours: torch.optim.Optimizer,
+    theirs: torch.optim.Optimizer,
+    ours_params: list[torch.Tensor],
+    their_params: list[torch.Tensor],
+    what: str,
+    **tolerance: Any,
+) -> None:
     for index, (a, b) in enumerate(zip(ours_params, their_params)):
         assert_same(a.detach(), b.detach(), f"{what}: param {index}", **tolerance)
         state_a, state_b = ours.state.get(a, {}), theirs.state.get(b, {})
@@ -151,16 +146,25 @@ def assert_optimizers_equal(ours: torch.optim.Optimizer, theirs: torch.optim.Opt
             assert_same(state_a[key], state_b[key], f"{what}: param {index} state[{key!r}]", **tolerance)
 
 
-def run_side_by_side(name: str, kwargs: dict[str, Any], dtype: torch.dtype, steps: int = 10,
-                     make_params: Callable[[torch.dtype], list[torch.Tensor]] | None = None,
-                     ours_kwargs: dict[str, Any] | None = None, check_every_step: bool = True,
-                     **tolerance: Any) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
+def run_side_by_side(
+    name: str,
+    kwargs: dict[str, Any],
+    dtype: torch.dtype,
+    steps: int = 10,
+    make_params: Callable[[torch.dtype], list[torch.Tensor]] | None = None,
+    ours_kwargs: dict[str, Any] | None = None,
+    check_every_step: bool = True,
+    **tolerance: Any,
+) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
     """Run ours and torch's for-loop on identical params and gradients; compare after every step."""
     theirs_params = make_params(dtype) if make_params is not None else params_for(name, dtype)
     ours_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in theirs_params]
-    theirs = getattr(torch.optim, name)(hard_groups(theirs_params), **cpu_kwargs(copy.deepcopy(kwargs)),
-                                        **torch_loop_kwargs(name))
-    ours = getattr(scratchopt, name)(hard_groups(ours_params), **cpu_kwargs(copy.deepcopy(kwargs)), **(ours_kwargs or {}))
+    theirs = getattr(torch.optim, name)(
+        hard_groups(theirs_params), **cpu_kwargs(copy.deepcopy(kwargs)), **torch_loop_kwargs(name)
+    )
+    ours = getattr(scratchopt, name)(
+        hard_groups(ours_params), **cpu_kwargs(copy.deepcopy(kwargs)), **(ours_kwargs or {})
+    )
     for step in range(steps):
         for p_ours, p_theirs, grad in zip(ours_params, theirs_params, gradients(theirs_params, step)):
             p_theirs.grad = None if grad is None else grad.clone()

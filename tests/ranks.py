@@ -1,4 +1,4 @@
-"""Run a function on several gloo ranks on this machine, bounded in time, with every rank's output kept.
+"""Run a function on several gloo ranks on one machine, bounded in time, with every rank's output kept.
 
 Distributed code fails in three ways a test must tell apart from a pass: a rank raises, a rank dies (a
 C++ abort takes the interpreter with it), and ranks wait on each other forever. So each rank is a
@@ -96,12 +96,24 @@ def launch(target: str, out_dir: Path, *, world_size: int = 2, timeout_s: float 
     try:
         for rank, log in enumerate(logs):
             with open(log, "w") as output:
-                processes.append(subprocess.Popen(
-                    [sys.executable, str(Path(__file__)), str(rank), str(world_size), str(store.port), str(out_dir),
-                     target],
-                    stdout=output, stderr=subprocess.STDOUT, env=rank_environment(), cwd=HERE,
-                    start_new_session=True,
-                ))
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            str(Path(__file__)),
+                            str(rank),
+                            str(world_size),
+                            str(store.port),
+                            str(out_dir),
+                            target,
+                        ],
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        env=rank_environment(),
+                        cwd=HERE,
+                        start_new_session=True,
+                    )
+                )
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
             if any(p.returncode not in (None, 0) for p in processes):
@@ -120,12 +132,22 @@ def launch(target: str, out_dir: Path, *, world_size: int = 2, timeout_s: float 
 
 
 def _init(rank: int, world_size: int, store: dist.Store, generation: int) -> None:
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"generation{generation}", store), rank=rank,
-                            world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "gloo",
+        store=dist.PrefixStore(f"generation{generation}", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
 
 
-def run_checks(checks: Iterable[tuple[str, Callable[[], dict[str, Any]]]], rank: int, world_size: int,
-               store: dist.Store, out_dir: Path) -> dict[str, Any]:
+def run_checks(
+    checks: Iterable[tuple[str, Callable[[], dict[str, Any]]]],
+    rank: int,
+    world_size: int,
+    store: dist.Store,
+    out_dir: Path,
+) -> dict[str, Any]:
     """Run each named check on every rank; return ``{name: {"ok": bool, ...}}``.
 
     A check returns a JSON-serialisable dict of what it measured; a check that raises is recorded with

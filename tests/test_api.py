@@ -8,12 +8,10 @@ import re
 
 import pytest
 import torch
-from torch.testing._internal.common_optimizers import OptimizerErrorEnum as DbErrorEnum
-
-import scratchopt
 from parity import (
-    assert_optimizers_equal,
+    SPARSE_ALGORITHMS,
     as_accepted_grad,
+    assert_optimizers_equal,
     gradients,
     hard_groups,
     harness_skip_reason,
@@ -22,9 +20,15 @@ from parity import (
     optim_db_info,
     params_for,
     small_model,
-    SPARSE_ALGORITHMS,
     torch_loop_kwargs,
 )
+from torch.testing._internal.common_optimizers import OptimizerErrorEnum as DbErrorEnum
+
+import scratchopt
+from scratchopt.testing import COMPILED_IMPLS, EXACT_IMPLS
+
+# Small test tensors must reach the compiled kernels (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernels_at_every_size")
 
 ALGORITHMS = implemented()
 
@@ -92,22 +96,26 @@ def test_invalid_lr_names_argument_and_range(name):
 
 def _harness_cases(names: list[str]) -> list:
     """One case per algorithm; those the hard-parameter harness cannot drive are skipped with the reason."""
-    return [pytest.param(name, marks=pytest.mark.skip(harness_skip_reason(name)) if harness_skip_reason(name) else ())
-            for name in names]
+    return [
+        pytest.param(name, marks=pytest.mark.skip(harness_skip_reason(name)) if harness_skip_reason(name) else ())
+        for name in names
+    ]
 
 
 #: Strategies that compile a kernel run on each algorithm's first optim_db configuration only: each new
 #: configuration is a new compile (about 1.5 s on 2 cores). The eager strategies run all of them.
-EAGER_IMPLS = ("loop", "foreach", "flat")
-COMPILED_IMPLS = ("compiled", "fused")
+EAGER_IMPLS = ("loop", *EXACT_IMPLS)
 
 
 def _state_dict_cases() -> list:
     cases = []
     for name in ALGORITHMS:
         if harness_skip_reason(name):
-            cases.append(pytest.param(name, "-", {}, "loop", id=f"{name}-skipped",
-                                      marks=pytest.mark.skip(harness_skip_reason(name))))
+            cases.append(
+                pytest.param(
+                    name, "-", {}, "loop", id=f"{name}-skipped", marks=pytest.mark.skip(harness_skip_reason(name))
+                )
+            )
             continue
         cases += [
             pytest.param(name, desc, kwargs, impl, id=f"{name}-{desc}-{impl}")
@@ -156,8 +164,9 @@ def _resume(first, second, name, kwargs, impl="loop"):
 RESUMPTION_CHANGES_TORCH = {"NAdam", "ASGD"}
 
 
-@pytest.mark.parametrize("first,second", [(torch.optim, scratchopt), (scratchopt, torch.optim)],
-                         ids=["torch-to-ours", "ours-to-torch"])
+@pytest.mark.parametrize(
+    "first,second", [(torch.optim, scratchopt), (scratchopt, torch.optim)], ids=["torch-to-ours", "ours-to-torch"]
+)
 @pytest.mark.parametrize("name,desc,kwargs,impl", _state_dict_cases())
 def test_state_dict_round_trip_with_torch(first, second, name, desc, kwargs, impl):
     """k steps in one library (ours under ``impl``), load into the other, continue: equal to an
@@ -229,6 +238,7 @@ def test_closure_loss_is_returned_and_grads_computed(name):
             loss.backward()
             w.grad = as_accepted_grad(name, w.grad)
             return loss
+
         return closure
 
     for _ in range(3):
@@ -324,14 +334,20 @@ def test_sparse_gradients_sgd_matches_torch(impl):
             tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-14, "atol": 1e-15}
             torch.testing.assert_close(ours_p, theirs_p, **tolerance)
             if not exact:
-                torch.testing.assert_close(ours.state[ours_p]["momentum_buffer"],
-                                           theirs.state[theirs_p]["momentum_buffer"].to_dense(), **tolerance)
+                torch.testing.assert_close(
+                    ours.state[ours_p]["momentum_buffer"],
+                    theirs.state[theirs_p]["momentum_buffer"].to_dense(),
+                    **tolerance,
+                )
 
 
 @pytest.mark.parametrize("impl", EAGER_IMPLS + COMPILED_IMPLS)
-@pytest.mark.parametrize("name", sorted(set(ALGORITHMS) - SPARSE_ALGORITHMS))
+@pytest.mark.parametrize(
+    "name", sorted(name for name in set(ALGORITHMS) - SPARSE_ALGORITHMS if not getattr(scratchopt, name).needs_closure)
+)
 def test_sparse_gradients_rejected_like_torch(name, impl):
     """torch's error, raised before anything changed: the dense param beside it is left alone too."""
+
     def attempt(module, **kwargs):
         dense, p = torch.ones(3, 2, requires_grad=True), torch.zeros(4, 2, requires_grad=True)
         optimizer = getattr(module, name)([dense, p], **kwargs)

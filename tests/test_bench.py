@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,22 +15,29 @@ from typing import Any
 import pytest
 import torch
 
-from scratchopt import bench, cli
+from scratchopt.algorithms import ALGORITHMS
+from scratchopt.tools import cli
+from scratchopt.tools.bench import cold_start, columns, roofline, table, targets
+from scratchopt.tools.bench.run import run_bench
+from scratchopt.tools.presets import PRESETS
 
-PRESET = replace(bench.PRESETS["quick"], mlp_layers=6, warmup_steps=1, rounds=2, steps_per_round=1)
+PRESET = replace(PRESETS["quick"], mlp_layers=6, warmup_steps=1, rounds=2, steps_per_round=1)
+COLUMNS = columns.preset_columns(PRESET)
 STEPS = 1 + PRESET.warmup_steps + PRESET.rounds * PRESET.steps_per_round
 
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
-    return bench.run_bench(PRESET, algorithms=["AdamW"], workloads=["tiny", "mlp"], log=lambda message: None)
+    return run_bench(PRESET, algorithms=["AdamW"], workloads=["tiny", "mlp"], log=lambda message: None)
 
 
 def test_every_column_has_finite_positive_medians(results: dict[str, Any]) -> None:
     assert [(r["workload"], r["algorithm"], r["mode"]) for r in results["rows"]] == [
-        ("tiny", "AdamW", bench.DEFAULT_MODE), ("mlp", "AdamW", bench.DEFAULT_MODE)]
+        ("tiny", "AdamW", columns.DEFAULT_MODE),
+        ("mlp", "AdamW", columns.DEFAULT_MODE),
+    ]
     for row in results["rows"]:
-        for column in PRESET.columns:
+        for column in COLUMNS:
             assert column in row["step_ms"], (row["workload"], column, row["notes"].get(column))
             for key in ("step_ms", "train_ms", "first_step_ms"):
                 value = row[key][column]
@@ -39,9 +47,9 @@ def test_every_column_has_finite_positive_medians(results: dict[str, Any]) -> No
 
 
 def test_table_shows_every_column_and_the_roofline(results: dict[str, Any]) -> None:
-    text = bench.table(results)
+    text = table.table(results)
     header = next(line for line in text.splitlines() if line.startswith("| algorithm | torch loop"))
-    for column in PRESET.columns:
+    for column in COLUMNS:
         assert f"| {column} |" in header
     assert "roofline ms (B/param)" in header and "torch fused ÷ ours fused" in header
     assert "first step (compile) ms" in text
@@ -66,7 +74,7 @@ def test_traffic_follows_the_state_an_optimizer_keeps(kwargs: dict[str, Any], up
         p.grad = torch.randn_like(p)
     optimizer = cls(params, lr=1e-3, **kwargs)
     optimizer.step()
-    assert bench.traffic_bytes_per_param(optimizer) == (update_bytes, 8)
+    assert roofline.traffic_bytes_per_param(optimizer) == (update_bytes, 8)
 
 
 def test_bit_exact_strategies_trained_the_same_model_as_torch(results: dict[str, Any]) -> None:
@@ -75,7 +83,7 @@ def test_bit_exact_strategies_trained_the_same_model_as_torch(results: dict[str,
     for row in results["rows"]:
         assert row["steps_compared"] == STEPS
         diffs = row["max_abs_diff_vs_torch_loop"]
-        for column in bench.BIT_EXACT_COLUMNS:
+        for column in columns.BIT_EXACT_COLUMNS:
             assert diffs[column] == 0.0, (row["workload"], column)
         assert diffs["torch foreach"] == 0.0
         for column in ("torch fused", "ours fused", "ours fused+contiguous"):
@@ -84,43 +92,139 @@ def test_bit_exact_strategies_trained_the_same_model_as_torch(results: dict[str,
 
 def test_other_training_loops_train_the_same_model() -> None:
     """``zero_grad(set_to_none=False)`` and 4 accumulated micro-batches, on the tiny model."""
-    columns = ["torch loop", "torch fused", "ours loop", "ours foreach", "ours flat"]
-    found = bench.run_bench(PRESET, algorithms=["SGD+momentum"], workloads=["tiny"], columns=columns,
-                            modes=["set-to-zero", "accumulate-4"], memory=False, log=lambda message: None)
+    chosen = ["torch loop", "torch fused", *columns.BIT_EXACT_COLUMNS]
+    found = run_bench(
+        PRESET,
+        algorithms=["SGD+momentum"],
+        workloads=["tiny"],
+        columns=chosen,
+        modes=["set-to-zero", "accumulate-4"],
+        memory=False,
+        log=lambda message: None,
+    )
     assert [row["mode"] for row in found["rows"]] == ["set-to-zero", "accumulate-4"]
     for row in found["rows"]:
-        assert sorted(row["step_ms"]) == sorted(columns), row["notes"]
+        assert sorted(row["step_ms"]) == sorted(chosen), row["notes"]
         assert row["traffic_B_per_param"] == 28  # momentum_buffer: 20 B, gathering: 8 B
-        for column in bench.BIT_EXACT_COLUMNS:
+        for column in columns.BIT_EXACT_COLUMNS:
             assert row["max_abs_diff_vs_torch_loop"][column] == 0.0, (row["mode"], column)
 
 
-def test_targets_say_met_or_by_how_much(results: dict[str, Any]) -> None:
+def test_goals_are_stated_in_plain_words(results: dict[str, Any]) -> None:
     found = {t["target"]: t for t in results["targets"]}
-    assert any("tiny MLP" in text for text in found)
-    assert any("≥ 3.0× faster than torch fused" in text for text in found)
+    assert any("tiny MLP" in where for where in found)
+    speedups = [
+        t
+        for t in found.values()
+        if "faster than torch fused" in t["verdict"]
+        or "slower than torch fused" in t["verdict"]
+        or "as fast as torch fused" in t["verdict"]
+    ]
+    assert any("(goal: at least 3× faster;" in t["verdict"] for t in speedups)
     for target in found.values():
+        assert "issue" not in target["verdict"] and "issue" not in target["target"]
         if target["measured"] is None:
-            assert target["verdict"] == "not measured"
-        elif target["met"]:
-            assert target["verdict"].startswith("met")
+            assert target["verdict"].startswith("not measured")
         else:
-            assert target["missed_by"] > 1 and target["verdict"].startswith("missed by")
+            assert target["verdict"].endswith("; met)" if target["met"] else "; missed)"), target
+
+
+@pytest.mark.parametrize(
+    ("ratio", "words"), [(2.1, "2.10× faster than"), (1.0, "as fast as"), (0.8, "1.25× slower than")]
+)
+def test_speed_ups_read_as_words(ratio: float, words: str) -> None:
+    assert targets.speed(ratio) == words
+
+
+def test_every_registered_algorithm_is_a_row_or_named_with_why(results: dict[str, Any]) -> None:
+    rows, left_out = columns.algorithm_rows()
+    assert {row.cls.__name__ for row in rows.values()} | set(left_out) == set(ALGORITHMS)
+    assert {"LBFGS", "Muon", "SparseAdam", "Newton", "NesterovLookahead"} <= set(left_out)
+    assert results["left_out"] == left_out and all(left_out.values())
+
+
+def test_every_strategy_has_a_column() -> None:
+    from scratchopt import strategies
+
+    assert [columns.ours(name) for name in strategies.NAMES] == [
+        c for c in columns.OURS_COLUMNS if c != columns.OURS_CONTIGUOUS
+    ]
+
+
+def _timed_out(*args: Any, **kwargs: Any) -> Any:
+    raise subprocess.TimeoutExpired(args[0], kwargs["timeout"], stderr=b"compiling ...")
+
+
+def _printed_nothing(*args: Any, **kwargs: Any) -> Any:
+    return subprocess.CompletedProcess(args[0], 0, stdout="", stderr="Traceback ...\nRuntimeError: out of memory")
+
+
+@pytest.mark.parametrize(
+    ("run", "reason"),
+    [(_timed_out, "timed out after 900 s"), (_printed_nothing, "child printed nothing: RuntimeError: out of memory")],
+)
+def test_a_failed_cold_start_is_reported_in_its_rows(run: Any, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that times out or prints nothing is a row that says so, and the benchmark carries on."""
+    monkeypatch.setattr(cold_start.subprocess, "run", run)
+    found = cold_start.compile_warmup(["AdamW", "Adam"], 4, torch.device("cpu"), 1)
+    assert [(r["algorithm"], r["cache"]) for r in found] == [
+        ("AdamW", cold_start.EMPTY_CACHE),
+        ("Adam", cold_start.SAME_PROCESS),
+        ("AdamW", cold_start.CACHED),
+    ]
+    for r in found:
+        assert r["error"].startswith(reason), r
+    text = table.format_warmup({"compile_warmup": found})
+    assert text.count(f"not measured: {reason}") == 3
+    goals = targets.targets([], {}, found)
+    assert [g["met"] for g in goals] == [False, False]
+    assert all(g["verdict"].startswith(f"not measured: {reason}") for g in goals)
+
+
+def test_the_benchmark_carries_on_after_a_failed_cold_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cold_start.subprocess, "run", _timed_out)
+    found = run_bench(
+        PRESET,
+        algorithms=["AdamW"],
+        workloads=["tiny"],
+        columns=["torch loop", "ours loop"],
+        warmup_compile=True,
+        memory=False,
+        log=lambda message: None,
+    )
+    assert found["rows"] and found["compile_warmup"][0]["error"].startswith("timed out")
 
 
 def test_command_line_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cli.main(["bench", "--preset", "quick", "--workloads", "tiny", "--algorithms", "AdamW", "--columns",
-              "torch loop,ours loop", "--rounds", "1", "--no-memory", "--out", str(tmp_path)])
+    cli.main(
+        [
+            "bench",
+            "--preset",
+            "quick",
+            "--workloads",
+            "tiny",
+            "--algorithms",
+            "AdamW",
+            "--columns",
+            "torch loop,ours loop",
+            "--rounds",
+            "1",
+            "--no-memory",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
-    assert "| algorithm | torch loop | ours loop |" in printed and "targets" in printed
+    assert "| algorithm | torch loop | ours loop |" in printed and "goals" in printed
+    assert "not benchmarked:" in printed and "LBFGS" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv", "bench.json", "bench.png"]
 
 
 def test_outputs_are_written(results: dict[str, Any], tmp_path: Path) -> None:
-    paths = bench.save(results, str(tmp_path))
+    paths = table.save(results, str(tmp_path))
     assert sorted(Path(p).name for p in paths) == ["bench.csv", "bench.json", "bench.png"]
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["workload"] == "tiny"
     with open(tmp_path / "bench.csv", newline="") as f:
         lines = list(csv.DictReader(f))
-    assert len(lines) == len(results["rows"]) * len(PRESET.columns)
+    assert len(lines) == len(results["rows"]) * len(COLUMNS)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

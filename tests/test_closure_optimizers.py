@@ -1,7 +1,7 @@
 """The closure-based optimizers: NesterovLookahead and Newton, against closed forms and independent references.
 
 The figures on f(x) = sin(x) + x²/10 (Newton's iterates from x = −5; Nesterov's 34 and 27 steps from −8
-and +8 with lr = 1, μ = 0.9 in float32) are those reported by seed article 001 of this project.
+and +8 with lr = 1, μ = 0.9 in float32) are those the report reproduces beside its source article's printed figures (``scratchopt report``, section 1).
 """
 
 from __future__ import annotations
@@ -90,19 +90,29 @@ def test_newton_param_groups_have_their_own_lr_and_damping():
     torch.testing.assert_close(torch.cat([p.detach(), q.detach()]), expected, rtol=1e-12, atol=1e-12)
 
 
-# Seed 001 prints x after each of 12 Newton iterations from x = -5 on f(x) = sin(x) + x²/10.
-SEED_NEWTON_ITERATES = [
-    -5.94388576, -7.79433605, -6.54310103, -5.79428433, -6.81783809, -6.10875844,
-    2.84660556, -1.42425821, -1.30751773, -1.30644014, -1.30644001, -1.30644001,
+# x after each of 12 Newton iterations from x = -5 on f(x) = sin(x) + x²/10, as the report's source article prints it.
+PUBLISHED_NEWTON_ITERATES = [
+    -5.94388576,
+    -7.79433605,
+    -6.54310103,
+    -5.79428433,
+    -6.81783809,
+    -6.10875844,
+    2.84660556,
+    -1.42425821,
+    -1.30751773,
+    -1.30644014,
+    -1.30644001,
+    -1.30644001,
 ]
 
 
 @pytest.mark.parametrize("shape", [(), (1,)], ids=["0-d", "1-element"])
-def test_newton_reproduces_the_seed_iterates_on_sin_plus_quadratic(shape):
+def test_newton_reproduces_the_published_iterates_on_sin_plus_quadratic(shape):
     x = torch.full(shape, -5.0, dtype=torch.float64, requires_grad=True)
     optimizer = Newton([x], allow_indefinite=True)
     reference = -5.0
-    for printed in SEED_NEWTON_ITERATES:
+    for printed in PUBLISHED_NEWTON_ITERATES:
         optimizer.step(lambda: sin_quadratic(x))
         # the closed form x − f'(x)/f''(x), computed independently in float64
         reference = reference - (math.cos(reference) + reference / 5) / (-math.sin(reference) + 0.2)
@@ -208,14 +218,14 @@ def test_newton_state_dict_round_trip():
 
 # ------------------------------------------------------------------------------------ NesterovLookahead
 
-ACTUAL_ANSWER = -1.30644  # the seed's convergence target and tolerance
+ACTUAL_ANSWER = -1.30644  # the article's convergence target and tolerance
 TOLERANCE = 1e-6
 
 
 def reference_nesterov_steps(x0: float, lr: float = 1.0, momentum: float = 0.9, limit: int = 1000) -> int:
-    """The lookahead recurrence in plain Python floats, with f'(x) = cos(x) + x/5, counted as the seed counts.
+    """The lookahead recurrence in plain Python floats, with f'(x) = cos(x) + x/5, counted as the article counts.
 
-    The seed checks convergence right after evaluating the gradient at the lookahead point, i.e. on
+    The article checks convergence right after evaluating the gradient at the lookahead point, i.e. on
     φ = θ + μ·v, and reports i + 1 for loop index i.
     """
     theta, velocity = x0, 0.0
@@ -248,12 +258,12 @@ def nesterov_steps(x0: float, limit: int = 1000) -> int:
     raise AssertionError("NesterovLookahead did not converge")
 
 
-@pytest.mark.parametrize("x0,seed_steps", [(-8.0, 34), (8.0, 27)])
-def test_nesterov_step_count_on_sin_plus_quadratic_matches_the_seed(x0, seed_steps):
+@pytest.mark.parametrize("x0,published_steps", [(-8.0, 34), (8.0, 27)])
+def test_nesterov_step_count_on_sin_plus_quadratic_matches_the_published_count(x0, published_steps):
     ours = nesterov_steps(x0)
     reference = reference_nesterov_steps(x0)
     assert ours == reference
-    assert ours == seed_steps
+    assert ours == published_steps
 
 
 def nesterov_reference(a, b, x0, lr, momentum, steps):
@@ -288,8 +298,10 @@ def test_nesterov_follows_the_closed_form_recurrence_on_a_quadratic():
         torch.testing.assert_close(optimizer.state[x]["momentum_buffer"], velocity, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(returned.detach(), loss)  # the loss at the lookahead point
         # and the closure saw φ = θ + μ·v of the previous step
-        previous_theta, previous_velocity = (x0, torch.zeros(4, dtype=torch.float64)) if k == 0 else (
-            nesterov_reference(a, b, x0, 0.05, 0.8, k)[-1][:2]
+        previous_theta, previous_velocity = (
+            (x0, torch.zeros(4, dtype=torch.float64))
+            if k == 0
+            else (nesterov_reference(a, b, x0, 0.05, 0.8, k)[-1][:2])
         )
         torch.testing.assert_close(seen[-1], previous_theta + 0.8 * previous_velocity)
     assert not torch.allclose(x.detach(), x0)
@@ -343,6 +355,7 @@ def test_nesterov_is_torch_sgd_nesterov_under_a_change_of_variables():
             loss = quadratic(a, b, x)
             loss.backward()
             return loss
+
         return closure
 
     for _ in range(25):
@@ -519,7 +532,7 @@ def test_valid_edge_hyperparameters_are_accepted():
 
 @pytest.mark.parametrize("rows_per_batch", [1, 3, 128], ids=["row by row", "batches of 3", "one batch"])
 def test_newton_hessian_matches_torch_autograd_functional(rows_per_batch):
-    from scratchopt.newton import gradient_and_hessian
+    from scratchopt.algorithms.newton import gradient_and_hessian
 
     gen = torch.Generator().manual_seed(15)
     m = torch.randn(4, 3, generator=gen, dtype=torch.float64)
@@ -570,7 +583,7 @@ class _Cube(torch.autograd.Function):
 
 def test_newton_falls_back_to_row_by_row_where_vmap_fails():
     x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    gradient, = torch.autograd.grad(_Cube.apply(x).sum(), x, create_graph=True)
+    (gradient,) = torch.autograd.grad(_Cube.apply(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):  # the batched path really is unavailable here
         torch.autograd.grad(gradient, x, grad_outputs=torch.eye(2, dtype=torch.float64), is_grads_batched=True)
     # f = Σ x³ + Σ x²: g = 3x² + 2x, H = diag(6x + 2) = diag(8, 14); Newton step x − g/H

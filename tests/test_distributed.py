@@ -1,4 +1,4 @@
-"""scratchopt inside torch.distributed, on 2 gloo ranks on this machine: FSDP2, stepping during backward
+"""scratchopt inside torch.distributed, on 2 gloo ranks on one machine: FSDP2, stepping during backward
 under FSDP2, a torch.distributed.checkpoint resume under FSDP2, DDP, and ZeroRedundancyOptimizer, with
 every strategy.
 
@@ -29,19 +29,26 @@ import distributed_checks
 import pytest
 import ranks
 import torch
-from scratchopt.testing import FEW_ULP, assert_close
+
+from scratchopt.testing import EXACT_IMPLS, FEW_ULP, assert_close
+
+pytestmark = pytest.mark.distributed
 
 #: The whole launch: about 40 s on 2 busy cores with a warm Inductor cache, one cold compile more without.
 LAUNCH_TIMEOUT_S = 150
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp2_train.py"
 EXAMPLE_TIMEOUT_S = 90
-EXACT = ("loop", "foreach", "flat")
+EXACT = ("loop", *EXACT_IMPLS)
 
 #: Checks that fail because of scratchopt code outside this test's reach, with why; strict, so that the
 #: fix turns them into failures to remove from here.
 KNOWN_FAILURES: dict[str, str] = {}
-CHECKS = [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[name]))
-          if name in KNOWN_FAILURES else name for name, _ in distributed_checks.checks(Path())]
+CHECKS = [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[name]))
+    if name in KNOWN_FAILURES
+    else name
+    for name, _ in distributed_checks.checks(Path())
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +63,13 @@ def test_check(launched: tuple[Path, list[dict[str, Any]]], check: str) -> None:
     for rank, result in enumerate(results):
         outcome = result[check]
         assert outcome["ok"], f"{check} failed on rank {rank}:\n{outcome['error']}"
+    if check in distributed_checks.COMPARES_NOTHING:
+        return
     impl = check.rsplit("/", 1)[1]
     saved = out_dir / f"{check.replace('/', '-')}.pt"
-    pairs = torch.load(saved) if saved.exists() else {}
+    assert saved.exists(), f"{check} saved no comparison"
+    pairs = torch.load(saved)
+    assert pairs, f"{check} saved an empty comparison"
     for comparison, (ours, reference) in pairs.items():
         assert set(ours) == set(reference), f"{check}, {comparison}: {sorted(set(ours) ^ set(reference))}"
         exact = impl in EXACT or "vs torch" not in comparison
@@ -78,10 +89,25 @@ def test_launch_kills_ranks_that_hang(tmp_path: Path) -> None:
 
 def test_example_trains_under_torchrun() -> None:
     """``examples/fsdp2_train.py`` under torchrun: the loss goes down and matches torch.optim's run."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLE),
-               "--steps", "12"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=ranks.rank_environment(), start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLE),
+        "--steps",
+        "12",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ranks.rank_environment(),
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=EXAMPLE_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -14,9 +14,21 @@ from torch import Tensor
 import scratchopt
 from scratchopt.testing import check_optimizer, check_reference, check_scheduler
 
+# Small test tensors must reach the compiled kernels (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernels_at_every_size")
 
-def lion_reference(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: float, betas: tuple[float, float],
-                   weight_decay: float, maximize: bool, **_: Any) -> None:
+
+def lion_reference(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    maximize: bool,
+    **_: Any,
+) -> None:
     """Algorithm 2 of Chen et al. (2023), element by element in Python floats."""
     beta1, beta2 = betas
     theta = param.detach().double().flatten().tolist()
@@ -31,8 +43,11 @@ def lion_reference(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: fl
     param.copy_(torch.tensor(new_theta, dtype=torch.float64).reshape(param.shape))
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"lr": 3e-3, "betas": (0.95, 0.98), "weight_decay": 0.1},
-                                    {"lr": 1e-3, "maximize": True}], ids=["defaults", "decay", "maximize"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"lr": 3e-3, "betas": (0.95, 0.98), "weight_decay": 0.1}, {"lr": 1e-3, "maximize": True}],
+    ids=["defaults", "decay", "maximize"],
+)
 def test_lion_passes_the_kit_against_the_paper(kwargs):
     ran = check_optimizer(scratchopt.Lion, kwargs, reference=lion_reference, dtypes=(torch.float64,), steps=10)
     assert "reference" in ran and any(name.startswith("fused") for name in ran)
@@ -66,8 +81,9 @@ class NormalizedMomentum(scratchopt.ScratchOptimizer):
         return {"momentum_buffer": torch.zeros_like(param)}
 
 
-def normalized_momentum_reference(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: float,
-                                  momentum: float, **_: Any) -> None:
+def normalized_momentum_reference(
+    param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: float, momentum: float, **_: Any
+) -> None:
     buffer = state["b"] = momentum * state.get("b", torch.zeros_like(grad)) + grad
     param.sub_(lr * buffer / max(float(buffer.norm()), 1e-12))
 
@@ -111,7 +127,9 @@ def test_a_false_elementwise_declaration_is_refused_before_any_step():
         elementwise = True
 
     p = torch.ones(3, 2, requires_grad=True)
-    with pytest.raises(TypeError, match=r"declares elementwise = True, but its update calls Tensor.norm: not elementwise"):
+    with pytest.raises(
+        TypeError, match=r"declares elementwise = True, but its update calls Tensor.norm: not elementwise"
+    ):
         FalselyElementwise([p], impl="fused")
     assert torch.equal(p, torch.ones(3, 2))
 

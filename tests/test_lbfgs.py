@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from parity import assert_optimizers_equal, optim_db_configs
 
 import scratchopt
-from parity import assert_optimizers_equal, optim_db_configs
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.complex64, torch.complex128]
 
@@ -79,7 +79,9 @@ def closure_for(optimizer: Any, params: list[torch.Tensor], calls: list[int] | N
     return closure
 
 
-def run(module: Any, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, list[torch.Tensor], list[Any], list[int]]:
+def run(
+    module: Any, kwargs: dict[str, Any], dtype: torch.dtype
+) -> tuple[Any, list[torch.Tensor], list[Any], list[int]]:
     """Three steps of ``module.LBFGS``: the optimizer, its params, the returned losses and closure calls."""
     params = problem_params(dtype)
     optimizer = module.LBFGS(params, **copy.deepcopy(kwargs))
@@ -113,10 +115,12 @@ def test_line_search_changes_the_evaluations():
     assert loss_of(searched).item() < loss_of(problem_params(torch.float64)).item()
 
 
-@pytest.mark.parametrize("first,second", [(torch.optim, scratchopt), (scratchopt, torch.optim)],
-                         ids=["torch-to-ours", "ours-to-torch"])
-@pytest.mark.parametrize("kwargs", [{}, {"line_search_fn": "strong_wolfe", "history_size": 3}],
-                         ids=["default", "strong_wolfe"])
+@pytest.mark.parametrize(
+    "first,second", [(torch.optim, scratchopt), (scratchopt, torch.optim)], ids=["torch-to-ours", "ours-to-torch"]
+)
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"line_search_fn": "strong_wolfe", "history_size": 3}], ids=["default", "strong_wolfe"]
+)
 def test_state_dict_round_trip_with_torch(first, second, kwargs):
     """Two steps in one library, the state_dict loaded into the other, two more: as torch uninterrupted."""
     reference, reference_params, _, _ = run(torch.optim, {**kwargs, "max_iter": 5}, torch.float64)
@@ -136,7 +140,9 @@ def test_state_has_torchs_keys_and_types():
     theirs, _, _, _ = run(torch.optim, {"line_search_fn": "strong_wolfe"}, torch.float32)
     ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
     assert list(ours_sd["state"]) == list(theirs_sd["state"]) == [0]
-    assert {k: type(v) for k, v in ours_sd["state"][0].items()} == {k: type(v) for k, v in theirs_sd["state"][0].items()}
+    assert {k: type(v) for k, v in ours_sd["state"][0].items()} == {
+        k: type(v) for k, v in theirs_sd["state"][0].items()
+    }
     assert ours_sd["param_groups"] == theirs_sd["param_groups"]
 
 

@@ -13,13 +13,16 @@ import functools
 
 import pytest
 import torch
-from scratchopt.testing import assert_close
 from torch import nn
 
 import scratchopt
+from scratchopt.testing import EXACT_IMPLS, assert_close
+
+# Small test tensors must reach the compiled kernels (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernels_at_every_size")
 
 STEPS = 4
-EXACT = ("loop", "foreach", "flat")
+EXACT = ("loop", *EXACT_IMPLS)
 
 
 def model() -> nn.Module:
@@ -64,8 +67,10 @@ def assert_params(actual: nn.Module, expected: nn.Module, what: str, exact: bool
 
 
 @pytest.mark.parametrize("impl", scratchopt.strategies.NAMES)
-@pytest.mark.parametrize("algorithm,kwargs", [("AdamW", {"lr": 0.01, "weight_decay": 0.1}),
-                                              ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True})])
+@pytest.mark.parametrize(
+    "algorithm,kwargs",
+    [("AdamW", {"lr": 0.01, "weight_decay": 0.1}), ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True})],
+)
 def test_equals_stepping_after_backward(impl: str, algorithm: str, kwargs: dict) -> None:
     reference = model()
     net = copy.deepcopy(reference)

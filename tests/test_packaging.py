@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import scratchopt
-from scratchopt import cli
+from scratchopt.tools import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,10 @@ def test_the_package_asks_for_torch_as_a_range_and_nothing_else():
 
 def test_importing_scratchopt_imports_no_report_dependency():
     # torch itself imports numpy and tqdm when they are installed: count what scratchopt adds.
-    code = ("import sys, torch; before = set(sys.modules); import scratchopt; "
-            "print(sorted(m for m in ('matplotlib', 'sklearn', 'tqdm', 'numpy') if m in set(sys.modules) - before))")
+    code = (
+        "import sys, torch; before = set(sys.modules); import scratchopt; "
+        "print(sorted(m for m in ('matplotlib', 'sklearn', 'tqdm', 'numpy') if m in set(sys.modules) - before))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

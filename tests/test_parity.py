@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from parity import complex_skip_reason, harness_skip_reason, implemented, optim_db_configs, run_side_by_side
 
 REAL_DTYPES = [torch.float32, torch.float64, torch.bfloat16]

@@ -6,9 +6,12 @@ import copy
 
 import pytest
 import torch
+from parity import assert_optimizers_equal
 
 import scratchopt
-from parity import assert_optimizers_equal
+
+# Small test tensors must reach the compiled kernels (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernels_at_every_size")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.complex64, torch.complex128]
 
@@ -55,7 +58,7 @@ def _clone(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 
 
-IMPLS = ("loop", "foreach", "flat", "compiled", "fused")
+IMPLS = scratchopt.strategies.NAMES
 
 
 @pytest.mark.parametrize("impl", IMPLS)

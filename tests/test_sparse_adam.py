@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from parity import assert_optimizers_equal, optim_db_configs, optim_db_info
 
 import scratchopt
-from parity import assert_optimizers_equal, optim_db_configs, optim_db_info
 
 #: torch's class refuses complex parameters (an optim_db error input, checked in tests/test_api.py).
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -46,8 +46,9 @@ def sparse_grad(param: torch.Tensor, step: int, seed: int, nnz: int) -> torch.Te
 
 
 def grads_for(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
-    grads: list[torch.Tensor | None] = [sparse_grad(p, step, seed, nnz) for seed, (p, nnz) in
-                                        enumerate(zip(params[:3], (9, 30, 5)))]
+    grads: list[torch.Tensor | None] = [
+        sparse_grad(p, step, seed, nnz) for seed, (p, nnz) in enumerate(zip(params[:3], (9, 30, 5)))
+    ]
     if step % 3 == 1:
         grads.append(None)
     elif step % 3 == 2:
@@ -86,8 +87,9 @@ def test_sparse_adam_matches_torch_bit_for_bit(desc, kwargs, dtype):
     assert ours.state[our_params[3]]["step"] == 4  # steps 0, 2, 3, 5: an empty gradient counts
 
 
-@pytest.mark.parametrize("first,second", [(torch.optim, scratchopt), (scratchopt, torch.optim)],
-                         ids=["torch-to-ours", "ours-to-torch"])
+@pytest.mark.parametrize(
+    "first,second", [(torch.optim, scratchopt), (scratchopt, torch.optim)], ids=["torch-to-ours", "ours-to-torch"]
+)
 def test_state_dict_round_trip_with_torch(first, second):
     reference_params = sparse_params(torch.float64)
     reference = torch.optim.SparseAdam(groups(reference_params))

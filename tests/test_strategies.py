@@ -33,14 +33,18 @@ from parity import (
 from torch import nn
 
 import scratchopt
-from scratchopt import _compiled
+from scratchopt.strategies.kernels import cache as _compiled
 from scratchopt.testing import (
     COMPILED_IMPLS,
     EXACT_IMPLS,
     assert_close,
     assert_same_state,
     compare_with_loop,
+    set_gradients,
 )
+
+# Small test tensors must reach the compiled kernels (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernels_at_every_size")
 
 #: The strategies differ only for elementwise algorithms; the others run the loop under every impl
 #: (test_non_elementwise_algorithms_run_the_loop).
@@ -50,10 +54,26 @@ COMPILED = COMPILED_IMPLS
 DTYPES = (torch.float32, torch.float64)
 
 
-def _side_by_side(name: str, kwargs: dict, dtype: torch.dtype, impl: str, steps: int = 20,
-                  make_params=hard_params, make_groups=hard_groups, exact: bool = True) -> None:
-    compare_with_loop(getattr(scratchopt, name), cpu_kwargs(kwargs), impl, dtype, steps,
-                      make_params=make_params, make_groups=make_groups, exact=exact)
+def _side_by_side(
+    name: str,
+    kwargs: dict,
+    dtype: torch.dtype,
+    impl: str,
+    steps: int = 20,
+    make_params=hard_params,
+    make_groups=hard_groups,
+    exact: bool = True,
+) -> None:
+    compare_with_loop(
+        getattr(scratchopt, name),
+        cpu_kwargs(kwargs),
+        impl,
+        dtype,
+        steps,
+        make_params=make_params,
+        make_groups=make_groups,
+        exact=exact,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,8 +137,10 @@ def test_compiled_and_fused_are_within_a_few_ulp_of_loop(name, desc, kwargs, imp
 
 def _staggered_params(dtype: torch.dtype) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
-    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-            for shape in ((4, 3), (5,), (2, 2), ())]
+    return [
+        torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        for shape in ((4, 3), (5,), (2, 2), ())
+    ]
 
 
 def _staggered_run(name: str, impl: str, dtype: torch.dtype, steps: int = 12, exact: bool = True) -> None:
@@ -167,7 +189,7 @@ def test_zero_dim_params_in_every_dtype(name, kwargs, impl):
         ours_params = [p.detach().clone().requires_grad_() for p in loop_params]
         cls = getattr(scratchopt, name)
         loop, ours = cls(loop_params, **kwargs), cls(ours_params, **kwargs, impl=impl)
-        for step in range(5):
+        for _ in range(5):
             for a, b in zip(loop_params, ours_params):
                 grad = torch.randn((), generator=gen, dtype=torch.float64).to(dtype)
                 a.grad, b.grad = grad, grad.clone()
@@ -182,8 +204,9 @@ def test_zero_dim_params_in_every_dtype(name, kwargs, impl):
             assert all(moved), f"{name} impl={impl} {dtype}: a 0-d param was not updated"
             continue
         assert_same_state(ours, loop, ours_params, loop_params, f"{name} impl={impl} 0-d {dtype}", exact)
-        assert all(not torch.equal(a.detach(), v.to(dtype)) for a, v in zip(ours_params, values)), \
+        assert all(not torch.equal(a.detach(), v.to(dtype)) for a, v in zip(ours_params, values)), (
             f"{name} impl={impl} {dtype}: a 0-d param was not updated"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,8 +221,9 @@ def test_complex_params(name, impl):
 
 
 @pytest.mark.parametrize("impl", EXACT + COMPILED)
-@pytest.mark.parametrize("name,kwargs", [("SGD", {"lr": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}),
-                                         ("Adagrad", {"lr": 0.1})])
+@pytest.mark.parametrize(
+    "name,kwargs", [("SGD", {"lr": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}), ("Adagrad", {"lr": 0.1})]
+)
 def test_sparse_gradients_run_per_tensor(name, kwargs, impl):
     dense_loop = torch.randn(4, dtype=torch.float64, requires_grad=True)
     dense_ours = dense_loop.detach().clone().requires_grad_()
@@ -243,7 +267,7 @@ def test_fifty_scheduled_steps_without_a_recompile(impl):
         nn.functional.mse_loss(net(x), y).backward()
         opt.step()
 
-    for step in range(2):  # warm-up: every kernel this run needs is compiled here
+    for _ in range(2):  # warm-up: every kernel this run needs is compiled here
         train_step(model, ours)
         train_step(reference, loop)
         for scheduler in schedulers:
@@ -288,8 +312,9 @@ def _assert_flat_state(optimizer, group_index: int = 0) -> None:
     """Every state tensor of one key is a view of one buffer (the optimizer owns its state)."""
     params = optimizer.param_groups[group_index]["params"]
     for key in optimizer.state_keys + ("step",):
-        states = {optimizer.state[p][key].untyped_storage().data_ptr() for p in params
-                  if key in optimizer.state.get(p, {})}
+        states = {
+            optimizer.state[p][key].untyped_storage().data_ptr() for p in params if key in optimizer.state.get(p, {})
+        }
         assert len(states) <= 1, f"state {key!r} is not one buffer"
 
 
@@ -344,8 +369,9 @@ def test_flat_add_param_group(impl):
     for step in range(6):
         if step == 3:
             ours.add_param_group({"params": list(model[2].parameters()) + list(model[4].parameters()), "lr": 0.02})
-            loop.add_param_group({"params": list(reference[2].parameters()) + list(reference[4].parameters()),
-                                  "lr": 0.02})
+            loop.add_param_group(
+                {"params": list(reference[2].parameters()) + list(reference[4].parameters()), "lr": 0.02}
+            )
         for net, opt in ((model, ours), (reference, loop)):
             opt.zero_grad()
             _backward(net, step)
@@ -373,9 +399,22 @@ def test_flat_load_state_dict_both_ways(impl):
         if step >= 3:
             _assert_flat_state(ours)
     assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
-    # torch.optim reads our state_dict too.
-    theirs = torch.optim.Adam(_mlp().parameters(), lr=0.01, amsgrad=True)
-    theirs.load_state_dict(ours.state_dict())
+    # torch.optim reads our state_dict too, and continues from it as we do.
+    theirs_model = copy.deepcopy(model)
+    theirs = torch.optim.Adam(theirs_model.parameters(), lr=0.01, amsgrad=True, foreach=False)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for net, opt in ((model, ours), (theirs_model, theirs)):
+        opt.zero_grad()
+        _backward(net, 8)
+        opt.step()
+    assert_same_state(
+        ours,
+        theirs,
+        list(model.parameters()),
+        list(theirs_model.parameters()),
+        f"{impl} then torch.optim",
+        impl == "flat",
+    )
 
 
 def test_flat_params_keep_their_strides_and_values():
@@ -420,7 +459,7 @@ def test_non_elementwise_algorithms_run_the_loop(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Issue 7's breakages, each a test
+# Ways a strategy broke in real training loops, each a test
 # ---------------------------------------------------------------------------------------------------
 
 ALL_IMPLS = ("loop",) + EXACT + COMPILED
@@ -429,8 +468,10 @@ ALL_IMPLS = ("loop",) + EXACT + COMPILED
 def _issue_params() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     shapes = [(), (5,), (4, 3), None, (2, 3, 2), (3,)]
-    return [torch.nn.Parameter(torch.randn(3, 4, 2, generator=gen)[..., 0] if s is None else torch.randn(s, generator=gen))
-            for s in shapes]
+    return [
+        torch.nn.Parameter(torch.randn(3, 4, 2, generator=gen)[..., 0] if s is None else torch.randn(s, generator=gen))
+        for s in shapes
+    ]
 
 
 def _issue_sparse_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
@@ -445,7 +486,7 @@ def _issue_sparse_grads(params: list[torch.Tensor], step: int) -> list[torch.Ten
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_sparse_gradients_of_every_shape_match_torch(impl):
-    """Issue 7, breakage 1: flat crashed (SIGSEGV) and fused drifted on sparse gradients."""
+    """Sparse gradients run per tensor under every strategy (a flat buffer cannot hold them)."""
     ours_params, their_params = _issue_params(), _issue_params()
     ours = scratchopt.SGD(ours_params, lr=0.0048, impl=impl)
     theirs = torch.optim.SGD(their_params, lr=0.0048, foreach=False)
@@ -461,18 +502,23 @@ def test_sparse_gradients_of_every_shape_match_torch(impl):
 
 @pytest.mark.parametrize("impl", COMPILED)
 def test_kernel_cache_is_keyed_by_everything_the_kernel_depends_on(impl):
-    """Issue 7, breakage 2: β₁ ≤ 0.5 and centered RMSprop with α ≤ 0.5 take the other branch of ATen's
+    """β₁ ≤ 0.5 and centered RMSprop with α ≤ 0.5 take the other branch of ATen's
     lerp; they used to poison the process-wide kernel cache. Both sides of each branch, in one process."""
-    cases = [("Adam", {"betas": (0.5, 0.999)}), ("Adam", {}), ("Adam", {"betas": (0.3, 0.9)}),
-             ("RMSprop", {"centered": True, "alpha": 0.4}), ("RMSprop", {"centered": True}),
-             ("Adam", {"betas": (0.5, 0.999)})]
+    cases = [
+        ("Adam", {"betas": (0.5, 0.999)}),
+        ("Adam", {}),
+        ("Adam", {"betas": (0.3, 0.9)}),
+        ("RMSprop", {"centered": True, "alpha": 0.4}),
+        ("RMSprop", {"centered": True}),
+        ("Adam", {"betas": (0.5, 0.999)}),
+    ]
     for name, kwargs in cases:
         _side_by_side(name, kwargs, torch.float32, impl, steps=6, exact=False)
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_parameters_are_updated_in_their_own_storage(impl):
-    """Issue 7, breakage 3: flat/fused rebound p.data. An EMA-style alias taken before training, the
+    """Params are updated in their own storage (rebinding p.data would break what follows). An EMA-style alias taken before training, the
     storage pointers and a one-layer torch.save must all see the params where they were."""
     import io
 
@@ -495,8 +541,7 @@ def test_parameters_are_updated_in_their_own_storage(impl):
     torch.save(model[2].state_dict(), layer)
     own_bytes = sum(p.numel() * p.element_size() for p in model[2].parameters())
     assert layer.tell() < own_bytes + 2000, "saving one layer wrote more than its own parameters"
-    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
-                         impl not in COMPILED)
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl not in COMPILED)
 
 
 def _snapshot(model: nn.Module, optimizer) -> tuple:
@@ -514,7 +559,7 @@ def _assert_snapshot_unchanged(before: tuple, after: tuple, what: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_model_to_another_dtype_mid_training_raises_before_any_change(impl, dtype):
-    """Issue 7, breakage 5: every strategy raises torch's error type before changing anything (torch's
+    """Every strategy raises torch's error type before changing anything (torch's
     own for-loop fails halfway through the step), and resumes once the state is cast like the params."""
     model, reference = _mlp(), _mlp()
     ours = scratchopt.AdamW(model.parameters(), lr=0.01, impl=impl)
@@ -536,13 +581,15 @@ def test_model_to_another_dtype_mid_training_raises_before_any_change(impl, dtyp
         opt.step()
     assert all(ours.state[p]["exp_avg"].dtype == dtype for p in model.parameters())
     if dtype == torch.float64 or impl not in COMPILED:
-        assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl,
-                             impl not in COMPILED)
+        assert_same_state(
+            ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl not in COMPILED
+        )
 
 
 @pytest.mark.parametrize("impl", EXACT + COMPILED)
 def test_a_parameter_listed_twice_is_updated_twice_as_by_the_loop(impl):
-    """Issue 7, breakage 6: torch warns and its for-loop applies the update twice, in order."""
+    """A param listed twice in a group: torch warns and its for-loop applies the update twice, in order."""
+
     def build(params):
         return [{"params": [params[0], params[1], params[0]]}, {"params": params[2:4]}]
 
@@ -583,6 +630,7 @@ def test_a_steady_step_prepares_once_per_buffer_not_per_parameter(impl, monkeypa
 @pytest.mark.parametrize("impl", ["flat", "fused"])
 def test_many_small_tensors_train_like_the_loop(impl):
     """80 tensors: enough for the gradient and parameter copies to be split across threads."""
+
     def build(seed):
         torch.manual_seed(seed)
         return nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(40)])
@@ -630,8 +678,9 @@ def test_contiguous_parameters_are_updated_without_copies(impl, monkeypatch):
             opt.step()
         if 1 <= step < 5:
             assert copies == [6], f"step {step}: expected one copy of the 6 gradients, saw {copies}"
-            assert all(p.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr()
-                       for p in model.parameters())
+            assert all(
+                p.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr() for p in model.parameters()
+            )
         if step >= 6:
             assert copies == [6, 6, 6], f"step {step}: expected gradients, params in, params out: {copies}"
     assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
@@ -662,15 +711,16 @@ def test_small_buffers_run_the_eager_update(monkeypatch):
         loop = scratchopt.Adam(reference.parameters(), lr=0.01)
         before = len(_compiled.COMPILE_SECONDS)
         _compiled.clear_kernels()
-        x = torch.randn(4, width)
-        for _ in range(3):
+        for step in range(3):
+            # The same gradients for both (a backward pass would amplify the kernel's few ulp).
+            grads = gradients(list(model.parameters()), step)
             for net, opt in ((model, ours), (reference, loop)):
-                opt.zero_grad()
-                net(x).square().mean().backward()
+                set_gradients(list(net.parameters()), grads)
                 opt.step()
         assert (len(_compiled.COMPILE_SECONDS) > before) == compiles, f"width {width}"
-        assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), f"width {width}",
-                          exact=not compiles)
+        assert_same_state(
+            ours, loop, list(model.parameters()), list(reference.parameters()), f"width {width}", exact=not compiles
+        )
 
 
 @pytest.mark.parametrize("impl", ["flat", "fused"])
@@ -678,13 +728,17 @@ def test_large_params_are_updated_where_they_lie(impl):
     """A param of at least DIRECT_NUMEL elements is not gathered: it is updated in place by a call of its
     own (a transposed one in its memory order, a gradient laid out otherwise copied first), beside the
     small params' buffer."""
-    from scratchopt._flat import DIRECT_NUMEL
+    from scratchopt.strategies.flat_state import DIRECT_NUMEL
 
     def build():
         gen = torch.Generator().manual_seed(5)
         big = torch.randn(1030, 256, generator=gen)
-        return [big.clone().requires_grad_(), big.t().contiguous().t().requires_grad_(),
-                torch.randn(7, generator=gen).requires_grad_(), torch.randn((), generator=gen).requires_grad_()]
+        return [
+            big.clone().requires_grad_(),
+            big.t().contiguous().t().requires_grad_(),
+            torch.randn(7, generator=gen).requires_grad_(),
+            torch.randn((), generator=gen).requires_grad_(),
+        ]
 
     ours_params, loop_params = build(), build()
     assert ours_params[0].numel() >= DIRECT_NUMEL and not ours_params[1].is_contiguous()

@@ -1,0 +1,89 @@
+"""How an algorithm's ``update`` is executed: the strategies, their registry and the one dispatcher.
+
+A strategy never changes the math. Each module of this package that binds ``STRATEGY`` to a
+:class:`~scratchopt.strategies.base.Strategy` is one strategy, registered by its ``name`` (the value of
+``impl=``); :data:`STRATEGIES` is the registry every tool and test reads. ``docs/design.md`` describes
+the contract, the data flow of one step and how to add a strategy.
+
+:func:`run` is the dispatcher. For each param group it alone
+
+1. selects the params that have a gradient;
+2. calls ``optimizer.check_inputs`` on them, before anything changes;
+3. reads the group's hyperparameters;
+4. sends to the loop what only the loop can take — an algorithm that is not elementwise, a group that
+   lists a param twice, params with sparse gradients — and the rest to the strategy named ``impl``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from scratchopt.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from scratchopt.optimizer import ScratchOptimizer
+
+
+def _discover() -> dict[str, Strategy]:
+    found = []
+    for module_info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        strategy = getattr(module, "STRATEGY", None)
+        if isinstance(strategy, Strategy):
+            found.append(strategy)
+    return {strategy.name: strategy for strategy in sorted(found, key=lambda s: (s.order, s.name))}
+
+
+#: Every strategy, by name, in listing order (``loop`` first).
+STRATEGIES: dict[str, Strategy] = _discover()
+#: The names ``impl=`` accepts.
+NAMES: tuple[str, ...] = tuple(STRATEGIES)
+LOOP = STRATEGIES["loop"]
+
+
+def exact_names() -> tuple[str, ...]:
+    """The strategies bit-exact with the loop in float32 and float64, loop excluded."""
+    return tuple(name for name, strategy in STRATEGIES.items() if strategy.exact and strategy is not LOOP)
+
+
+def approximate_names() -> tuple[str, ...]:
+    """The strategies allowed a few ulp from the loop (compiled kernels)."""
+    return tuple(name for name, strategy in STRATEGIES.items() if not strategy.exact)
+
+
+def run(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
+    """Update one param group with the strategy ``optimizer.impl``."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    optimizer.check_inputs(group, params)
+    hyperparameters = optimizer.update_arguments(group)
+    strategy = STRATEGIES[optimizer.impl]
+    if strategy is not LOOP and (not optimizer.elementwise or _has_duplicates(params)):
+        strategy = LOOP
+    if strategy is not LOOP:
+        sparse = [p for p in params if p.grad.layout != torch.strided]
+        if sparse:
+            LOOP.update(optimizer, group, sparse, hyperparameters)
+            params = [p for p in params if p.grad.layout == torch.strided]
+            if not params:
+                return
+    strategy.update(optimizer, group, params, hyperparameters)
+
+
+def reset(optimizer: ScratchOptimizer) -> None:
+    """Make every strategy forget what it keeps for ``optimizer`` (after ``load_state_dict``)."""
+    for strategy in STRATEGIES.values():
+        strategy.reset(optimizer)
+
+
+def _has_duplicates(params: list[Tensor]) -> bool:
+    return len({id(p) for p in params}) != len(params)
+
+
+__all__ = ["LOOP", "NAMES", "STRATEGIES", "Strategy", "approximate_names", "exact_names", "reset", "run"]

@@ -1,0 +1,133 @@
+"""What the benchmark runs: its rows (algorithms), its columns (implementations) and its training loops.
+
+Rows come from the registry: every registered algorithm a plain ``opt.step()`` loop over a dense model
+can run is a row, labelled by its class name and built with its ``example_kwargs`` and ``lr=1e-3``; the
+benchmark adds ``SGD+momentum`` beside plain SGD. The others are named with the reason
+(:func:`algorithm_rows`). Columns: torch's for-loop, foreach and fused implementations, then one
+column per scratchopt strategy (``impl=``, from :data:`scratchopt.strategies.NAMES`), then the fused
+strategy after :func:`scratchopt.contiguous_parameters` (the opt-in zero-copy layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from scratchopt import strategies
+from scratchopt.algorithms import ALGORITHMS
+from scratchopt.optimizer import Algorithm
+from scratchopt.strategies.flat_state import contiguous_parameters
+from scratchopt.tools import catalog
+from scratchopt.tools.presets import Preset
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of running the training loop."""
+
+    label: str
+    set_to_none: bool
+    micro_batches: int
+
+
+MODES: dict[str, Mode] = {
+    "set-to-none": Mode("zero_grad() (set_to_none=True, torch's default), forward, backward, step", True, 1),
+    "set-to-zero": Mode("zero_grad(set_to_none=False), forward, backward, step", False, 1),
+    "accumulate-4": Mode("zero_grad(), 4 × (forward, backward), step", True, 4),
+}
+DEFAULT_MODE = "set-to-none"
+
+#: torch's implementations, by column, with the flags that select them.
+TORCH_FLAGS: dict[str, dict[str, Any]] = {
+    "torch loop": {"foreach": False},
+    "torch foreach": {"foreach": True},
+    "torch fused": {"fused": True},
+}
+TORCH_COLUMNS = tuple(TORCH_FLAGS)
+REFERENCE_COLUMN = "torch loop"
+TORCH_FUSED = "torch fused"
+
+
+def ours(strategy: str) -> str:
+    """The column of a scratchopt strategy."""
+    return f"ours {strategy}"
+
+
+OURS_FUSED = ours("fused")
+OURS_CONTIGUOUS = ours("fused+contiguous")
+#: The column of the per-tensor compiled kernels: its compile time grows with the tensor count, so it runs
+#: only on models of at most ``compile_max_tensors`` tensors.
+OURS_COMPILED = ours("compiled")
+OURS_COLUMNS = (
+    *(ours(name) for name in strategies.NAMES),
+    *((OURS_CONTIGUOUS,) if "fused" in strategies.STRATEGIES else ()),
+)
+COLUMNS = TORCH_COLUMNS + OURS_COLUMNS
+#: Columns whose parameters must equal torch's for-loop bit for bit after the same steps (on the CPU): the
+#: strategies bit-exact with the loop, and the loop.
+BIT_EXACT_COLUMNS = tuple(ours(name) for name, strategy in strategies.STRATEGIES.items() if strategy.exact)
+
+
+def preset_columns(preset: Preset) -> list[str]:
+    """The columns ``preset`` runs by default."""
+    return [column for column in COLUMNS if column not in preset.excluded_columns]
+
+
+@dataclass(frozen=True)
+class AlgorithmRow:
+    """One row: an algorithm with the arguments it is run with."""
+
+    label: str
+    cls: type[Algorithm]
+    kwargs: dict[str, Any] = field(hash=False)
+
+    @property
+    def twin(self) -> type[torch.optim.Optimizer] | None:
+        return catalog.torch_twin(self.cls)
+
+
+#: The learning rate of every row: small enough that the models stay finite over the timed steps.
+LEARNING_RATE = 1e-3
+#: Rows beside each algorithm's own: label, algorithm, arguments besides its example ones.
+VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (("SGD+momentum", "SGD", {"momentum": 0.9}),)
+
+
+def _arguments(cls: type[Algorithm], extra: dict[str, Any]) -> dict[str, Any]:
+    lr = {"lr": LEARNING_RATE} if catalog.accepts(cls, "lr") else {}
+    return {**dict(cls.example_kwargs), **lr, **extra}
+
+
+def algorithm_rows() -> tuple[dict[str, AlgorithmRow], dict[str, str]]:
+    """The rows the benchmark can run, by label, and every other registered algorithm with why not."""
+    rows: dict[str, AlgorithmRow] = {}
+    left_out: dict[str, str] = {}
+    for name, cls in ALGORITHMS.items():
+        reason = catalog.loop_cannot_run(cls)
+        if reason is not None:
+            left_out[name] = f"{reason}, and the benchmark's loop calls opt.step() on every param of a dense model"
+            continue
+        rows[name] = AlgorithmRow(name, cls, _arguments(cls, {}))
+        for label, algorithm, extra in VARIANTS:
+            if algorithm == name:
+                rows[label] = AlgorithmRow(label, cls, _arguments(cls, extra))
+    return rows, left_out
+
+
+def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a column runs on ``model`` (which ``ours fused+contiguous`` first lays out contiguously).
+
+    Raises for a column that cannot run the row (torch has no twin, or no fused kernel for it).
+    """
+    if column in TORCH_FLAGS:
+        twin = row.twin
+        if twin is None:
+            raise ValueError(f"torch.optim has no twin of {row.cls.__name__}")
+        return twin(model.parameters(), **row.kwargs, **TORCH_FLAGS[column])
+    impl = column.removeprefix("ours ")
+    if column == OURS_CONTIGUOUS:
+        contiguous_parameters(model)
+        impl = "fused"
+    return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl=impl)

@@ -1,0 +1,164 @@
+"""The goals the fused strategy is built for, checked against the ratios measured in the run.
+
+Each goal is a ratio of medians from one process (which holds better than the times themselves on a
+shared machine), in the default loop (``zero_grad()``): how much faster ours fused is than torch fused
+on the seed MLP, the GPT-like model and the large tensor; how much slower it may be on the tiny model;
+how close it comes to the roofline on models of a million parameters or more; and how long the first
+fused step (the compile) takes in a fresh process. The verdicts are plain sentences, e.g. "ours fused is
+2.10× faster than torch fused (goal: at least 3× faster; missed)". Nothing is tuned toward them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from scratchopt.tools.bench.cold_start import CACHED
+from scratchopt.tools.bench.columns import DEFAULT_MODE, OURS_CONTIGUOUS, OURS_FUSED, TORCH_FUSED
+
+#: (workload, column of ours, least speed-up over torch fused it aims for: torch fused's time ÷ ours).
+SPEEDUP_GOALS = (
+    ("mlp", OURS_FUSED, 3.0),
+    ("mlp", OURS_CONTIGUOUS, 6.0),
+    ("gpt", OURS_FUSED, 1.0),
+    ("large", OURS_FUSED, 0.95),
+)
+#: On the tiny model ours fused's step may take at most this many times torch fused's.
+TINY_SLOWDOWN_LIMIT = 2.0
+#: Ours fused's step may take at most this many times the roofline, on models of ROOFLINE_MIN_PARAMS or more.
+ROOFLINE_LIMIT = 1.3
+ROOFLINE_MIN_PARAMS = 1_000_000
+#: The first fused step in a fresh process (compiling, or loading from the cache) may take this long.
+FIRST_STEP_LIMIT_S = 10.0
+
+
+def speed(ratio: float) -> str:
+    """A speed-up in words: "2.10× faster than", "as fast as", "1.25× slower than"."""
+    if abs(ratio - 1) < 0.005:
+        return "as fast as"
+    return f"{ratio:.2f}× faster than" if ratio > 1 else f"{1 / ratio:.2f}× slower than"
+
+
+def _goal_speed(goal: float) -> str:
+    if goal == 1:
+        return "at least as fast"
+    return f"at least {goal:g}× faster" if goal > 1 else f"at most {1 / goal:.2f}× slower"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal: where it applies (a row, or a cold start), what it compares, the measured value (None:
+    not measured) and the bound."""
+
+    where: str
+    compares: str
+    measured: float | None
+    bound: float
+    at_least: bool
+    #: The measured value in words, and the goal in words.
+    measured_text: str
+    goal_text: str
+    why_not_measured: str = "not measured"
+
+    @property
+    def met(self) -> bool:
+        if self.measured is None:
+            return False
+        return self.measured >= self.bound if self.at_least else self.measured <= self.bound
+
+    def verdict(self) -> str:
+        if self.measured is None:
+            return f"{self.why_not_measured} (goal: {self.goal_text})"
+        return f"{self.measured_text} (goal: {self.goal_text}; {'met' if self.met else 'missed'})"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "target": f"{self.where}: {self.compares}",
+            "where": self.where,
+            "compares": self.compares,
+            "measured": self.measured,
+            "goal": self.bound,
+            "met": self.met,
+            "verdict": self.verdict(),
+        }
+
+
+def _speedup_goal(where: str, column: str, ratio: float | None, goal: float, note: str | None) -> Goal:
+    text = f"{column} is {speed(ratio)} {TORCH_FUSED}" if ratio else ""
+    return Goal(
+        where,
+        f"{column} vs {TORCH_FUSED}",
+        ratio,
+        goal,
+        True,
+        text,
+        _goal_speed(goal),
+        f"not measured: {note}" if note else "not measured",
+    )
+
+
+def targets(
+    rows: list[Any], workloads: dict[str, dict[str, Any]], warmup: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every goal that applies to this run's rows (``bench.run.Row``) and cold-start measurements."""
+    found: list[Goal] = []
+    for row in rows:
+        if row.mode != DEFAULT_MODE:
+            continue
+        where = f"{row.algorithm}, {workloads[row.workload]['description']}"
+        ran = row.step_ms | row.notes
+        for workload, column, goal in SPEEDUP_GOALS:
+            if row.workload == workload and column in ran:
+                found.append(
+                    _speedup_goal(
+                        where,
+                        column,
+                        row.ratio(TORCH_FUSED, column),
+                        goal,
+                        row.notes.get(column) or row.notes.get(TORCH_FUSED),
+                    )
+                )
+        if row.workload == "tiny" and OURS_FUSED in ran:
+            ratio = row.ratio(OURS_FUSED, TORCH_FUSED)
+            found.append(
+                Goal(
+                    where,
+                    f"{OURS_FUSED} vs {TORCH_FUSED}",
+                    ratio,
+                    TINY_SLOWDOWN_LIMIT,
+                    False,
+                    f"{OURS_FUSED}'s step takes {ratio:.2f}× {TORCH_FUSED}'s" if ratio else "",
+                    f"at most {TINY_SLOWDOWN_LIMIT:g}× {TORCH_FUSED}'s",
+                )
+            )
+        if row.numel >= ROOFLINE_MIN_PARAMS and row.roofline_ms and OURS_FUSED in ran:
+            fused = row.step_ms.get(OURS_FUSED)
+            ratio = fused / row.roofline_ms if fused else None
+            found.append(
+                Goal(
+                    where,
+                    f"{OURS_FUSED} vs the roofline",
+                    ratio,
+                    ROOFLINE_LIMIT,
+                    False,
+                    f"{OURS_FUSED}'s step takes {ratio:.2f}× the roofline time" if ratio else "",
+                    f"at most {ROOFLINE_LIMIT:g}× the roofline",
+                )
+            )
+    for run in warmup:
+        if run["cache"] == CACHED:  # served from the cache: no compile to hold to the limit
+            continue
+        seconds = run.get("first_step_s")
+        found.append(
+            Goal(
+                f"{run['algorithm']}, {run['layers']}-layer MLP",
+                f"first fused step ({run['cache']})",
+                seconds,
+                FIRST_STEP_LIMIT_S,
+                False,
+                f"the first step ({run['cache']}) took {seconds:.1f} s" if seconds is not None else "",
+                f"at most {FIRST_STEP_LIMIT_S:g} s",
+                f"not measured: {run['error']}" if "error" in run else "not measured",
+            )
+        )
+    return [goal.as_json() for goal in found]

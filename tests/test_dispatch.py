@@ -1,0 +1,179 @@
+"""The dispatcher and the strategy contract: what every strategy is promised and must keep.
+
+Each test here is a way a strategy once broke the contract: a step that skipped a subclass's checks, an
+in-place edit of the state that a strategy overwrote, a false ``elementwise`` declaration that slipped
+through, resources that piled up.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import scratchopt
+from scratchopt.algorithms.adam import Adam
+from scratchopt.strategies import NAMES, STRATEGIES, flat_state
+from scratchopt.testing import assert_same_state, gradients, set_gradients
+
+pytestmark = pytest.mark.usefixtures("kernels_at_every_size")
+
+
+def test_registry_lists_every_strategy_module_once_with_its_guarantee():
+    assert NAMES[0] == "loop"
+    assert set(NAMES) == {"loop", "foreach", "flat", "compiled", "fused"}
+    for name, strategy in STRATEGIES.items():
+        assert strategy.name == name
+        assert strategy.exact == (strategy.ulp == 0)
+    assert STRATEGIES["loop"].exact and STRATEGIES["foreach"].exact
+
+
+class CountingAdam(Adam):
+    """Adam whose input checks count their calls (a subclass adding its own checks)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.check_inputs_calls = 0
+        self.check_grad_calls = 0
+
+    def check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        self.check_inputs_calls += 1
+        super().check_inputs(group, params)
+
+    def check_grad(self, param: Tensor) -> None:
+        self.check_grad_calls += 1
+        super().check_grad(param)
+
+
+@pytest.mark.parametrize("impl", NAMES)
+def test_every_strategy_calls_the_checks_of_a_subclass_at_every_step(impl):
+    params = [torch.randn(5, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    optimizer = CountingAdam(params, lr=0.01, impl=impl)
+    for step in range(5):
+        set_gradients(params, gradients(params, step))
+        optimizer.step()
+    assert optimizer.check_inputs_calls == 5, impl
+    grads_given = sum(g is not None for step in range(5) for g in gradients(params, step))
+    assert optimizer.check_grad_calls == grads_given, impl
+
+
+@pytest.mark.parametrize("impl", NAMES)
+def test_a_step_counter_reset_in_place_is_honoured(impl):
+    """``state[p]["step"].fill_(0)`` restarts one param's bias correction, as in torch."""
+
+    def run(impl_name: str | None) -> tuple[list[Tensor], Any]:
+        gen = torch.Generator().manual_seed(0)
+        params = [
+            torch.randn(5, 4, dtype=torch.float64, generator=gen).requires_grad_(),
+            torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_(),
+        ]
+        optimizer = scratchopt.AdamW(params, lr=0.01, impl=impl_name)
+        for step in range(4):
+            if step == 2:
+                optimizer.state[params[1]]["step"].fill_(0)
+            set_gradients(params, [torch.full_like(p, 0.1 * (step + 1)) for p in params])
+            optimizer.step()
+        return params, optimizer
+
+    loop_params, loop = run(None)
+    params, optimizer = run(impl)
+    assert [optimizer.state[p]["step"].item() for p in params] == [4.0, 2.0]
+    assert_same_state(optimizer, loop, params, loop_params, impl, exact=STRATEGIES[impl].exact)
+
+
+def stack_update(param: Tensor, grad: Tensor, *, lr: float) -> None:
+    param.sub_(torch.stack([grad, grad]).mean(0), alpha=lr)
+
+
+def foreach_update(param: Tensor, grad: Tensor, *, lr: float) -> None:
+    torch._foreach_add_([param], [grad], alpha=-lr)
+
+
+def falsely_elementwise(update_fn: Any) -> type:
+    class Declared(scratchopt.ScratchOptimizer):
+        hyperparameter_keys = ("lr",)
+        elementwise = True
+        update = staticmethod(update_fn)
+
+        def __init__(self, params: Any, lr: float = 0.1, *, impl: str | None = None) -> None:
+            super().__init__(params, {"lr": lr}, impl)
+
+        def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+    return Declared
+
+
+@pytest.mark.parametrize("update_fn,operation", [(stack_update, "torch.stack"), (foreach_update, "_foreach_add_")])
+def test_an_update_calling_a_function_on_a_list_is_refused_by_name(update_fn, operation):
+    with pytest.raises(TypeError, match=f"declares elementwise = True, but its update calls .*{operation}"):
+        falsely_elementwise(update_fn)([torch.zeros(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize("impl", NAMES)
+def test_a_group_added_later_is_checked_against_the_declaration(impl):
+    """The declaration is checked per group: a group added with ``add_param_group`` whose hyperparameters
+    take another path through the update, one that reduces, is refused before any step."""
+
+    def update_fn(param: Tensor, grad: Tensor, *, lr: float) -> None:
+        if lr > 1:
+            grad = grad / grad.abs().sum()  # a reduction on this path only
+        param.sub_(grad, alpha=lr)
+
+    Declared = falsely_elementwise(update_fn)
+    optimizer = Declared([torch.zeros(3, requires_grad=True)], impl=impl)
+    with pytest.raises(TypeError, match="calls Tensor.sum"):
+        optimizer.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lr": 2.0})
+
+
+def test_copy_threads_are_one_pool_that_grows(monkeypatch):
+    """Two groups whose gradient copies split into 4 and 2 slices share one pool: no new pool per step."""
+    created = []
+
+    class CountingPool(flat_state.ThreadPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            created.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(flat_state, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(flat_state, "_pool", None)
+    threads = torch.get_num_threads()
+    groups = [[torch.randn(8, requires_grad=True) for _ in range(80)] for _ in range(2)]
+    try:
+        # Each group's layout splits its copies by the thread count when it is built: 4, then 2.
+        torch.set_num_threads(4)
+        optimizer = scratchopt.SGD(groups[0], lr=0.1, impl="flat")
+        for step in range(20):
+            if step == 1:
+                torch.set_num_threads(2)
+                optimizer.add_param_group({"params": groups[1]})
+            for p in optimizer.param_groups[-1]["params"] + groups[0]:
+                p.grad = torch.ones_like(p)
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert 1 <= len(created) <= 2, f"{len(created)} pools in 20 steps"
+    for pool in created[:-1]:
+        assert pool._shutdown, "a replaced pool was left running"
+
+
+def test_dispatcher_sends_what_a_strategy_cannot_take_to_the_loop():
+    """Sparse gradients and a param listed twice run the loop under every strategy, as torch does."""
+    for impl in NAMES:
+        dense = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        twice = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        reference = [dense.detach().clone().requires_grad_(), twice.detach().clone().requires_grad_()]
+        ours = scratchopt.SGD([dense, twice, twice], lr=0.1, momentum=0.9, impl=impl)
+        loop = torch.optim.SGD([reference[0], reference[1], reference[1]], lr=0.1, momentum=0.9, foreach=False)
+        for step in range(3):
+            for p in (dense, reference[0]):
+                p.grad = torch.full_like(p, 0.5 + step)
+            for p in (twice, reference[1]):
+                p.grad = torch.full_like(p, -0.25 * step)
+            ours.step()
+            loop.step()
+        assert torch.equal(dense, reference[0]) and torch.equal(twice, reference[1]), impl
+    assert copy.deepcopy(ours).impl == "fused"
