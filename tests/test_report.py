@@ -16,6 +16,9 @@ from scratchopt.tools.report.build import SECTIONS, build_report, render_page
 from scratchopt.tools.report.memory import BACKWARD_STEP_STRATEGIES
 
 
+pytestmark = pytest.mark.report
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
