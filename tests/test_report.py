@@ -15,7 +15,6 @@ from scratchopt.algorithms import ALGORITHMS
 from scratchopt.tools.report.build import SECTIONS, build_report, render_page
 from scratchopt.tools.report.memory import BACKWARD_STEP_STRATEGIES
 
-
 pytestmark = pytest.mark.report
 
 
