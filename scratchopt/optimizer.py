@@ -56,7 +56,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ from torch.optim import Optimizer
 
 from scratchopt import strategies
 from scratchopt.checks import require_closure
+from scratchopt.strategies.kernels import runtime
 from scratchopt.strategies.kernels.recording import non_elementwise_operation
 
 #: torch's implementation flags and the value its ``__setstate__`` fills in for each.
@@ -124,7 +125,13 @@ def torch_key_order(twin: str) -> tuple[str, ...]:
 def check_state_matches(optimizer: Optimizer, params: list[Tensor], keys: tuple[str, ...]) -> None:
     """Raise a RuntimeError naming the parameter and key when a state tensor no longer has its
     parameter's dtype or device (after ``model.to()``), before a step changes anything."""
-    for index, param in enumerate(params):
+    start = 0
+    module = runtime.ready()
+    if module is not None:  # the same check in C++; the loop below then only words the error
+        start = module.first_mismatch(params, optimizer.state, keys)
+        if start == -1:
+            return
+    for index, param in enumerate(params[start:], start):
         state = optimizer.state.get(param)
         if not state:
             continue
@@ -295,6 +302,28 @@ class ScratchOptimizer(Algorithm):
         state["step"] += 1
         return {"step": state["step"]}
 
+    def count_steps(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`count_step` for each param, its scalars as Python numbers, for a strategy that updates
+        many params in one call. The default bookkeeping (``step += 1`` on 0-d tensors of one device)
+        advances every counter with one multi-tensor add and reads them back at once; otherwise (an
+        algorithm that overrides :meth:`count_step`, state without ``step``) it runs per param."""
+        if type(self).count_step is ScratchOptimizer.count_step:
+            states = []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(self.init_state(p, group))
+                states.append(state)
+            steps = [state.get("step") for state in states]
+            if steps and all(isinstance(step, Tensor) and step.dim() == 0 for step in steps):
+                counters = cast(list[Tensor], steps)
+                if len({step.device for step in counters}) == 1:
+                    torch._foreach_add_(counters, 1)
+                    return [{"step": value} for value in torch.stack(counters).tolist()]
+        return [
+            {k: v.item() if isinstance(v, Tensor) else v for k, v in self.count_step(p, group).items()} for p in params
+        ]
+
     def check_grad(self, param: Tensor) -> None:
         """Raise torch's error for a gradient this algorithm refuses (sparse ones, unless it takes them)."""
         if param.grad is not None and param.grad.is_sparse and self.sparse_error is not None:
@@ -309,8 +338,12 @@ class ScratchOptimizer(Algorithm):
         for some algorithms and dtypes, silently mixes precisions); every scratchopt strategy raises here
         instead, and ``optimizer.load_state_dict(optimizer.state_dict())`` casts the state like the params.
         """
-        for param in params:
-            self.check_grad(param)
+        if type(self).check_grad is ScratchOptimizer.check_grad:  # the default: one pass over the gradients
+            if self.sparse_error is not None and any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
+                raise RuntimeError(self.sparse_error)
+        else:
+            for param in params:
+                self.check_grad(param)
         check_state_matches(self, params, self.state_keys)
 
     def apply_updates(self) -> None:

@@ -212,7 +212,7 @@ def test_errors_match_torchs():
         scratchopt.LBFGS([p]).step()  # torch: a missing positional argument
     with pytest.raises(ValueError, match="LBFGS doesn't support per-parameter options"):
         scratchopt.LBFGS([{"params": [p]}, {"params": [torch.zeros(1, requires_grad=True)]}])
-    for impl in ("foreach", "flat", "compiled", "fused"):
+    for impl in scratchopt.strategies.NAMES[1:]:
         with pytest.raises(ValueError, match="LBFGS runs only impl='loop'"):
             scratchopt.LBFGS([p], impl=impl)
     assert scratchopt.LBFGS([p], impl="loop").impl == scratchopt.LBFGS([p]).impl == "loop"

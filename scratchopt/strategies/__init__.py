@@ -17,6 +17,7 @@ the contract, the data flow of one step and how to add a strategy.
 from __future__ import annotations
 
 import importlib
+import operator
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
@@ -58,21 +59,20 @@ def approximate_names() -> tuple[str, ...]:
 
 def run(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
     """Update one param group with the strategy ``optimizer.impl``."""
-    params = [p for p in group["params"] if p.grad is not None]
-    if not params:
+    with_grad = [(p, g) for p, g in zip(group["params"], map(_grad_of, group["params"])) if g is not None]
+    if not with_grad:
         return
+    params = [p for p, _ in with_grad]
     optimizer.check_inputs(group, params)
     hyperparameters = optimizer.update_arguments(group)
     strategy = STRATEGIES[optimizer.impl]
     if strategy is not LOOP and (not optimizer.elementwise or _has_duplicates(params)):
         strategy = LOOP
-    if strategy is not LOOP:
-        sparse = [p for p in params if p.grad.layout != torch.strided]
-        if sparse:
-            LOOP.update(optimizer, group, sparse, hyperparameters)
-            params = [p for p in params if p.grad.layout == torch.strided]
-            if not params:
-                return
+    if strategy is not LOOP and any(g.layout != torch.strided for _, g in with_grad):
+        LOOP.update(optimizer, group, [p for p, g in with_grad if g.layout != torch.strided], hyperparameters)
+        params = [p for p, g in with_grad if g.layout == torch.strided]
+        if not params:
+            return
     strategy.update(optimizer, group, params, hyperparameters)
 
 
@@ -80,6 +80,9 @@ def reset(optimizer: ScratchOptimizer) -> None:
     """Make every strategy forget what it keeps for ``optimizer`` (after ``load_state_dict``)."""
     for strategy in STRATEGIES.values():
         strategy.reset(optimizer)
+
+
+_grad_of = operator.attrgetter("grad")
 
 
 def _has_duplicates(params: list[Tensor]) -> bool:

@@ -24,8 +24,6 @@ from torch import Tensor
 from scratchopt.strategies.base import Hyperparameters, Strategy, count_step, python_scalar
 from scratchopt.strategies.flat_state import FlatState, GroupLayout
 from scratchopt.strategies.foreach import update_counted
-from scratchopt.strategies.kernels import cache
-from scratchopt.strategies.kernels.recording import Program
 
 if TYPE_CHECKING:
     from scratchopt.optimizer import ScratchOptimizer
@@ -38,8 +36,6 @@ class Flat(Strategy):
     ulp = 0
     order = 20
     summary = "state in one buffer per key; the update runs once per buffer (gathered small params)"
-    #: Whether each buffer's update runs through its compiled kernel (``fused``) or eagerly.
-    compiled = False
 
     def __init__(self) -> None:
         # Each optimizer's layouts, by ``id`` of their param group; dropped with the optimizer.
@@ -91,14 +87,9 @@ class Flat(Strategy):
     def _update_buffers(
         self, optimizer: ScratchOptimizer, flat: FlatState, grads: Any, scalars: dict[str, Any]
     ) -> None:
-        """``update`` on the gathered buffers and on each large param where it lies (one recording serves
-        every call of a step: they differ only in length), then the small params get their new values."""
-        program: Program | None = None
+        """``update`` on the gathered buffers and on each large param where it lies, then the small params
+        get their new values."""
         for tensors in flat.update_arguments(optimizer, grads):
-            if self.compiled:
-                program = cache.run(optimizer.update, tensors, scalars, program)
-                if program is not None:
-                    continue
             optimizer.update(*tensors, **scalars)
         flat.scatter()
 

@@ -1,4 +1,4 @@
-"""The flat state of ``impl="flat"`` and ``impl="fused"``: the optimizer's state in one buffer per key.
+"""The flat state of ``impl="flat"``: the optimizer's state in one buffer per key.
 
 The optimizer owns its state, not the parameters or the gradients, so only the state is laid out flat.
 For each param group, the params of one device and dtype that had a dense gradient when the layout was
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 #: ATen copies a tensor smaller than this on one thread (``at::internal::GRAIN_SIZE``).
 _ONE_THREAD_NUMEL = 32768
 #: A param of at least this many elements is updated where it lies rather than gathered. Gathering moves
-#: 24 B per float32 element (gradient in, param in and out): about 0.2 ms at 2^18 elements on this kind
-#: of machine, what one call of a compiled kernel costs in Dynamo's and Inductor's wrappers.
+#: 24 B per float32 element (gradient in, param in and out), more than a separate update call costs
+#: from about 2^18 elements.
 DIRECT_NUMEL = 262144
 #: Below this many tensors a multi-tensor copy is not worth splitting across threads.
 _MIN_TENSORS_TO_SPLIT = 64
@@ -374,7 +374,7 @@ def contiguous_parameters(module: nn.Module) -> list[Tensor]:
 
     The opt-in zero-copy mode (the layout DeepSpeed and FSDP1 use): each parameter keeps its identity,
     shape, strides and values, but its data becomes a view of a shared buffer (``p.data = view``), so a
-    flat or fused optimizer built afterwards notices the contiguity and updates the buffer directly,
+    flat optimizer built afterwards notices the contiguity and updates the buffer directly,
     without gathering the params and copying them back. Call it before creating the optimizer (and
     before taking references to parameter storage, such as an EMA copy). Moving the module afterwards
     (``module.to(...)``) re-points the parameters; the optimizer notices and falls back to copying.

@@ -72,7 +72,9 @@ class Configuration:
 
 HISTORY_MEASURED = 2
 
-CONFIGURATIONS: tuple[Configuration, ...] = (
+#: Rows chosen for what they show (variants of one algorithm, a history to scale); every other registered
+#: algorithm gets a row of its own, with its ``example_kwargs``.
+_CHOSEN: tuple[Configuration, ...] = (
     Configuration("SGD", "SGD", {"lr": 0.1}),
     Configuration("SGD, momentum", "SGD", {"lr": 0.1, "momentum": 0.9}),
     Configuration("NesterovLookahead", "NesterovLookahead", {"lr": 0.1, "momentum": 0.9}),
@@ -96,6 +98,11 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
 )
 #: Registered algorithms the tables leave out on purpose, and why.
 NOT_PLANNED = {"Newton": "keeps no state between steps (its n × n Hessian lives only during a step)"}
+CONFIGURATIONS: tuple[Configuration, ...] = _CHOSEN + tuple(
+    Configuration(name, name, dict(cls.example_kwargs))
+    for name, cls in ALGORITHMS.items()
+    if name not in {configuration.algorithm for configuration in _CHOSEN} and name not in NOT_PLANNED
+)
 
 
 def algorithms_without_a_row() -> list[str]:

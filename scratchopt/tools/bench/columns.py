@@ -5,7 +5,8 @@ can run is a row, labelled by its class name and built with its ``example_kwargs
 benchmark adds ``SGD+momentum`` beside plain SGD. The others are named with the reason
 (:func:`algorithm_rows`). Columns: torch's for-loop, foreach and fused implementations, then one
 column per scratchopt strategy (``impl=``, from :data:`scratchopt.strategies.NAMES`), then the fused
-strategy after :func:`scratchopt.contiguous_parameters` (the opt-in zero-copy layout).
+strategy after :func:`scratchopt.contiguous_parameters` (the opt-in layout that lets ``flat`` skip its copies;
+``fused`` needs none: it updates every tensor where it lies).
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ def ours(strategy: str) -> str:
 
 
 OURS_FUSED = ours("fused")
-OURS_CONTIGUOUS = ours("fused+contiguous")
+OURS_CONTIGUOUS = ours("flat+contiguous")
 #: The column of the per-tensor compiled kernels: its compile time grows with the tensor count, so it runs
 #: only on models of at most ``compile_max_tensors`` tensors.
 OURS_COMPILED = ours("compiled")
 OURS_COLUMNS = (
     *(ours(name) for name in strategies.NAMES),
-    *((OURS_CONTIGUOUS,) if "fused" in strategies.STRATEGIES else ()),
+    *((OURS_CONTIGUOUS,) if "flat" in strategies.STRATEGIES else ()),
 )
 COLUMNS = TORCH_COLUMNS + OURS_COLUMNS
 #: Columns whose parameters must equal torch's for-loop bit for bit after the same steps (on the CPU): the
@@ -117,7 +118,7 @@ def algorithm_rows() -> tuple[dict[str, AlgorithmRow], dict[str, str]]:
 
 
 def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer a column runs on ``model`` (which ``ours fused+contiguous`` first lays out contiguously).
+    """The optimizer a column runs on ``model`` (which ``ours flat+contiguous`` first lays out contiguously).
 
     Raises for a column that cannot run the row (torch has no twin, or no fused kernel for it).
     """
@@ -129,5 +130,5 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
     impl = column.removeprefix("ours ")
     if column == OURS_CONTIGUOUS:
         contiguous_parameters(model)
-        impl = "fused"
+        impl = "flat"
     return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl=impl)

@@ -2,7 +2,7 @@
 
 Each goal is a ratio of medians from one process (which holds better than the times themselves on a
 shared machine), in the default loop (``zero_grad()``): how much faster ours fused is than torch fused
-on the seed MLP, the GPT-like model and the large tensor; how much slower it may be on the tiny model;
+on the 2000-layer MLP, the GPT-like model and the large tensor; how much slower it may be on the tiny model;
 how close it comes to the roofline on models of a million parameters or more; and how long the first
 fused step (the compile) takes in a fresh process. The verdicts are plain sentences, e.g. "ours fused is
 2.10× faster than torch fused (goal: at least 3× faster; missed)". Nothing is tuned toward them.
@@ -14,19 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from scratchopt.tools.bench.cold_start import CACHED
-from scratchopt.tools.bench.columns import DEFAULT_MODE, OURS_CONTIGUOUS, OURS_FUSED, TORCH_FUSED
+from scratchopt.tools.bench.columns import DEFAULT_MODE, OURS_FUSED, TORCH_FUSED
 
 #: (workload, column of ours, least speed-up over torch fused it aims for: torch fused's time ÷ ours).
 SPEEDUP_GOALS = (
-    ("mlp", OURS_FUSED, 3.0),
-    ("mlp", OURS_CONTIGUOUS, 6.0),
-    ("gpt", OURS_FUSED, 1.0),
-    ("large", OURS_FUSED, 0.95),
+    ("mlp", OURS_FUSED, 4.0),
+    ("gpt", OURS_FUSED, 1.3),
+    ("large", OURS_FUSED, 1.0),
 )
 #: On the tiny model ours fused's step may take at most this many times torch fused's.
-TINY_SLOWDOWN_LIMIT = 2.0
+TINY_SLOWDOWN_LIMIT = 1.0
 #: Ours fused's step may take at most this many times the roofline, on models of ROOFLINE_MIN_PARAMS or more.
-ROOFLINE_LIMIT = 1.3
+ROOFLINE_LIMIT = 1.1
 ROOFLINE_MIN_PARAMS = 1_000_000
 #: The first fused step in a fresh process (compiling, or loading from the cache) may take this long.
 FIRST_STEP_LIMIT_S = 10.0

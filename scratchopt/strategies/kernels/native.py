@@ -1,0 +1,431 @@
+"""Native kernels: a recorded ``update`` written out as C++, compiled by the system compiler, and run
+over every tensor of a param group in one call.
+
+The generated function ``scratchopt_kernel(n, numels, ptrs, tapes, tape_stride, threads)`` updates
+``n`` tensors in place through a table of pointers (``ptrs[j * k + i]`` is input ``i`` of tensor
+``j``: the param, its gradient and its state tensors, each a dense 1-d run of ``numels[j]`` elements in
+memory order). Row ``j`` of ``tapes`` holds tensor ``j``'s scalars (``tape_stride`` 0: one row for all),
+so per-parameter scalars such as each param's own ``step`` are a column of the table, not a reason for
+another call. The threads split the *total* element count (one OpenMP parallel region per call, not
+one per tensor); each converts its scalars from the float64 tape once per tensor segment, and the
+element loop is vectorised by the compiler.
+
+The C++ reproduces what ATen's CPU kernels compute: every operation in the tensor's arithmetic type
+(float for float32, double for float64), scalars converted to it first, and the same fused forms:
+``add(x, alpha=s)`` → ``fma(x, s, self)``, ``addcmul(a, b, value=s)`` → ``fma(s·a, b, self)``,
+``addcdiv(a, b, value=s)`` → ``self + s·a/b``, ``lerp`` by ATen's choice of formula on |weight| < ½;
+other contractions are off (``-ffp-contract=off``). ``sqrt`` is the correctly rounded one, which ATen's
+float32 ``sqrt`` is not always: params differ from the loop by a few ulp in a few elements.
+
+Only float32 and float64 programs of the operations below are generated; anything else raises
+:class:`Unsupported` and runs as it did before (the Inductor kernels of
+:mod:`~scratchopt.strategies.kernels.cache`). Compiled libraries are cached on disk (``SCRATCHOPT_CACHE``
+or ``~/.cache/scratchopt``), keyed by the source, the compiler, its flags, the CPU's flags and torch's
+version; a library is written to a temporary file and renamed into place, so processes compiling the
+same kernel at once never see a partial one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchopt.strategies.kernels.recording import Program, opmath
+
+
+class Unsupported(Exception):
+    """The program has an operation or a dtype the C++ generator does not write."""
+
+
+class NoCompiler(Unsupported):
+    """No C++ compiler works here, or it failed on a generated kernel."""
+
+
+_CTYPE = {torch.float32: "float", torch.float64: "double"}
+#: Flags that make the compiler's arithmetic ATen's: no contraction beyond the explicit fmas, IEEE sqrt
+#: (``-fno-math-errno`` lets it vectorise), and the machine's vector units.
+CXX_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+#: Below this many elements in a call the kernel runs on one thread: a parallel region costs more there.
+MIN_PARALLEL_NUMEL = 65536
+
+_PRELUDE = r"""
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <omp.h>
+
+template <typename T> static inline T so_maximum(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+template <typename T> static inline T so_minimum(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+template <typename T> static inline T so_sign(T a) { return (T)((T(0) < a) - (a < T(0))); }
+template <typename T> static inline T so_clamp_min(T a, T lo) { return (a != a) ? a : std::max(a, lo); }
+template <typename T> static inline T so_clamp_max(T a, T hi) { return (a != a) ? a : std::min(a, hi); }
+"""
+
+_DUNDER = {
+    "__add__": "add",
+    "__radd__": "radd",
+    "__sub__": "sub",
+    "__rsub__": "rsub",
+    "__mul__": "mul",
+    "__rmul__": "rmul",
+    "__truediv__": "div",
+    "__rtruediv__": "rdiv",
+    "__neg__": "neg",
+    "__abs__": "abs",
+    "__gt__": "gt",
+    "__lt__": "lt",
+    "__ge__": "ge",
+    "__le__": "le",
+    "__eq__": "eq",
+    "__ne__": "ne",
+    "__pos__": "pos",
+}
+_COMPARE = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
+
+
+class _Writer:
+    """Turns one recorded program into the body of the element loop."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        program.compute_metas()
+        dtypes = {program.inputs[i].dtype for i in range(program.n_inputs)}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in _CTYPE:
+            raise Unsupported(f"inputs of dtypes {sorted(map(str, dtypes))}")
+        self.dtype = next(iter(dtypes))
+        self.t = _CTYPE[opmath(self.dtype)]
+        self.kinds: dict[int, str] = {}  # C type of each value
+        self.scalars: dict[int, str] = {}  # tape index → name of the converted constant
+        self.body: list[str] = []
+        self.read: set[int] = set()
+        self.written: set[int] = set()
+        self.names: dict[int, str] = {}
+
+    # ---- operands ----
+    def value(self, spec: Any) -> tuple[str, str]:
+        """(C expression, C type) of an operand."""
+        kind = spec[0]
+        if kind == "r":
+            rid = spec[1]
+            if rid < self.program.n_inputs:
+                self.read.add(rid)
+                return f"x{rid}", self.t
+            return self.names[rid], self.kinds[rid]
+        if kind == "s":
+            index = spec[1]
+            self.scalars[index] = f"s{index}"
+            return f"s{index}", self.t
+        if kind == "c":
+            constant = spec[1]
+            if isinstance(constant, bool):
+                return ("true" if constant else "false"), "bool"
+            if isinstance(constant, (int, float)):
+                return f"(({self.t}){float(constant)!r})", self.t
+        raise Unsupported(f"an operand {spec!r}")
+
+    def tensor(self, spec: Any) -> str:
+        expression, kind = self.value(spec)
+        if spec[0] != "r" or kind != self.t:
+            raise Unsupported(f"a tensor operand {spec!r}")
+        return expression
+
+    def scalar(self, spec: Any) -> str:
+        if spec[0] not in ("s", "c"):
+            raise Unsupported(f"a scalar operand {spec!r}")
+        return self.value(spec)[0]
+
+    # ---- operations ----
+    def expression(self, name: str, receiver: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        t = self.t
+        if name in ("add", "sub", "radd", "rsub", "mul", "rmul", "div", "true_divide", "rdiv") and len(args) == 1:
+            other = args[0]
+            alpha = kwargs.pop("alpha", ("c", 1))
+            if kwargs:
+                raise Unsupported(f"{name} with {sorted(kwargs)}")
+            is_tensor = other[0] == "r"
+            operand = self.tensor(other) if is_tensor else self.scalar(other)
+            if name in ("add", "sub") and alpha != ("c", 1):
+                if not is_tensor:
+                    raise Unsupported(f"{name} of a scalar with alpha")
+                scaled = self.scalar(alpha)
+                sign = "-" if name == "sub" else ""
+                return f"std::fma({operand}, {sign}{scaled}, {receiver})", t
+            symbol = {"add": "+", "sub": "-", "mul": "*", "div": "/", "true_divide": "/"}.get(name)
+            if symbol is not None:
+                return f"({receiver} {symbol} {operand})", t
+            reflected = {"radd": "+", "rsub": "-", "rmul": "*", "rdiv": "/"}[name]
+            return f"({operand} {reflected} {receiver})", t
+        if name in ("addcmul", "addcdiv") and len(args) == 2 and set(kwargs) <= {"value"}:
+            t1, t2 = self.tensor(args[0]), self.tensor(args[1])
+            value = kwargs.get("value", ("c", 1))
+            scaled = t1 if value == ("c", 1) else f"({t1} * {self.scalar(value)})"
+            if name == "addcmul":
+                return f"std::fma({scaled}, {t2}, {receiver})", t
+            return f"({receiver} + {scaled} / {t2})", t
+        if name == "lerp" and len(args) == 2 and set(kwargs) == {"lerp_weight_below_half"}:
+            end, weight = self.tensor(args[0]), self.scalar(args[1])
+            if kwargs["lerp_weight_below_half"][1]:
+                return f"std::fma({weight}, {end} - {receiver}, {receiver})", t
+            return f"std::fma({receiver} - {end}, (({t})1) - {weight}, {end})", t
+        if not args and not kwargs:
+            unary = {
+                "sqrt": f"std::sqrt({receiver})",
+                "neg": f"(-{receiver})",
+                "pos": receiver,
+                "abs": f"std::abs({receiver})",
+                "sign": f"so_sign({receiver})",
+                "sgn": f"so_sign({receiver})",
+                "clone": receiver,
+                "zero": f"(({t})0)",
+            }
+            if name in unary:
+                return unary[name], t
+        if name in ("maximum", "minimum") and len(args) == 1 and not kwargs:
+            return f"so_{name}({receiver}, {self.tensor(args[0])})", t
+        if name in _COMPARE and len(args) == 1 and not kwargs:
+            other = args[0]
+            operand = self.tensor(other) if other[0] == "r" else self.scalar(other)
+            return f"({receiver} {_COMPARE[name]} {operand})", "bool"
+        if name == "masked_fill" and len(args) == 2 and not kwargs:
+            mask, kind = self.value(args[0])
+            if kind != "bool":
+                raise Unsupported("masked_fill with a mask that is not boolean")
+            return f"({mask} ? {self.scalar(args[1])} : {receiver})", t
+        if name in ("clamp", "clip") and not kwargs and 1 <= len(args) <= 2:
+            result = receiver
+            low = args[0]
+            high = args[1] if len(args) == 2 else ("c", None)
+            if low != ("c", None):
+                result = f"so_clamp_min({result}, {self.scalar(low)})"
+            if high != ("c", None):
+                result = f"so_clamp_max({result}, {self.scalar(high)})"
+            return result, t
+        if name in ("clamp_min", "clamp_max") and len(args) == 1 and not kwargs:
+            return f"so_{name}({receiver}, {self.scalar(args[0])})", t
+        if name == "copy" and len(args) == 1 and not kwargs:
+            return self.tensor(args[0]), t
+        if name == "fill" and len(args) == 1 and not kwargs:
+            return self.scalar(args[0]), t
+        raise Unsupported(f"Tensor.{name}")
+
+    def write(self) -> None:
+        for kind, target, receiver, (args, kwargs), out in self.program.ops:
+            if kind != "m":
+                raise Unsupported(f"torch.{getattr(target, '__name__', target)}")
+            inplace = target.endswith("_") and not target.endswith("__")
+            name = _DUNDER.get(target, target[:-1] if inplace else target)
+            self_expression, self_kind = self.value(receiver)
+            if self_kind != self.t:
+                raise Unsupported(f"Tensor.{target} on a {self_kind} value")
+            expression, result_kind = self.expression(name, self_expression, tuple(args), dict(kwargs))
+            if inplace:
+                rid = receiver[1]
+                if result_kind != self.t:
+                    raise Unsupported(f"Tensor.{target} changing the type in place")
+                self.body.append(f"{self_expression} = {expression};")
+                if rid < self.program.n_inputs:
+                    self.written.add(rid)
+            else:
+                assert out is not None
+                self.names[out] = f"v{out}"
+                self.kinds[out] = result_kind
+                self.body.append(f"{result_kind} v{out} = {expression};")
+
+
+def cpp_source(program: Program) -> str:
+    """The C++ of the kernel that replays ``program`` over a table of tensors; :class:`Unsupported` if
+    the program has something the generator does not write."""
+    writer = _Writer(program)
+    writer.write()
+    k = program.n_inputs
+    storage = _CTYPE[writer.dtype]
+    t = writer.t
+    used = sorted(writer.read | writer.written)
+    pointers = "\n".join(f"      {storage}* p{i} = ({storage}*)ptrs[j * {k} + {i}];" for i in used)
+    scalars = "\n".join(f"      const {t} s{index} = ({t})tape[{index}];" for index in sorted(writer.scalars))
+    loads = "\n".join(f"        {t} x{i} = ({t})p{i}[e];" for i in used)
+    body = "\n".join(f"        {line}" for line in writer.body)
+    stores = "\n".join(f"        p{i}[e] = ({storage})x{i};" for i in sorted(writer.written))
+    return f"""{_PRELUDE}
+extern "C" void scratchopt_kernel(int64_t n, const int64_t* numels, void* const* ptrs, const double* tapes,
+                                  int64_t tape_stride, int64_t threads) {{
+  int64_t total = 0;
+  for (int64_t j = 0; j < n; ++j) total += numels[j];
+  #pragma omp parallel num_threads(threads) if (threads > 1)
+  {{
+    const int64_t workers = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t begin = total * me / workers, end = total * (me + 1) / workers;
+    int64_t offset = 0;
+    for (int64_t j = 0; j < n && offset < end; offset += numels[j], ++j) {{
+      const int64_t lo = std::max(begin - offset, (int64_t)0), hi = std::min(end - offset, numels[j]);
+      if (lo >= hi) continue;
+      const double* tape = tapes + j * tape_stride;
+{scalars}
+{pointers}
+      #pragma omp simd
+      for (int64_t e = lo; e < hi; ++e) {{
+{loads}
+{body}
+{stores}
+      }}
+    }}
+  }}
+}}
+"""
+
+
+# ------------------------------------------------------------------------------------------------------
+# Building and loading
+# ------------------------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, Callable[..., Any]] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SCRATCHOPT_CACHE", Path.home() / ".cache" / "scratchopt")) / "kernels"
+
+
+@functools.cache
+def compiler() -> tuple[str, str] | None:
+    """The C++ compiler (``$CXX`` or ``g++``) and its version line, or None when none works."""
+    command = os.environ.get("CXX", "g++")
+    path = shutil.which(command)
+    if path is None:
+        return None
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path, version.stdout.splitlines()[0] if version.stdout else ""
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _key(source: str, cxx: tuple[str, str]) -> str:
+    text = "\n".join([source, *cxx, *CXX_FLAGS, _cpu_flags(), torch.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load(source: str) -> Callable[..., Any]:
+    """The compiled kernel of ``source``: loaded from the disk cache, or compiled and put there."""
+    cxx = compiler()
+    if cxx is None:
+        raise NoCompiler("no working C++ compiler (set CXX to one)")
+    key = _key(source, cxx)
+    with _LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        directory = cache_dir()
+        library = directory / f"{key}.so"
+        if not library.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory) as scratch:
+                cpp = Path(scratch) / "kernel.cpp"
+                cpp.write_text(source)
+                built = Path(scratch) / "kernel.so"
+                result = subprocess.run(
+                    [cxx[0], *CXX_FLAGS, str(cpp), "-o", str(built)], capture_output=True, text=True, timeout=300
+                )
+                if result.returncode != 0:
+                    raise NoCompiler(f"the compiler failed: {result.stderr[-2000:]}")
+                os.replace(built, library)  # atomic: another process sees the whole library or none
+        function = ctypes.CDLL(str(library)).scratchopt_kernel
+        function.restype = None
+        function.argtypes = [
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+        ]
+        _LOADED[key] = function
+        return function
+
+
+def threads_for(total: int) -> int:
+    """The threads a call over ``total`` elements uses: torch's, or one below :data:`MIN_PARALLEL_NUMEL`."""
+    return torch.get_num_threads() if total >= MIN_PARALLEL_NUMEL else 1
+
+
+class NativeKernel:
+    """The native kernel of one program structure, called on tables of tensors."""
+
+    __slots__ = ("address", "function", "n_inputs", "tape_length")
+
+    def __init__(self, program: Program) -> None:
+        self.function = load(cpp_source(program))
+        #: The kernel's address, for the native runtime to call it without Python.
+        self.address = ctypes.cast(self.function, ctypes.c_void_p).value  # type: ignore[arg-type]  # a CFuncPtr
+        self.n_inputs = program.n_inputs
+        self.tape_length = len(program.tape)
+
+    def __call__(
+        self, numels: Sequence[int], pointers: Sequence[int], tapes: Sequence[float], shared_tape: bool
+    ) -> None:
+        """Run over ``len(numels)`` tensors: ``pointers`` holds ``n_inputs`` data pointers per tensor,
+        ``tapes`` one row of scalars per tensor, or one row for all when ``shared_tape``."""
+        numel_table = array("q", numels)
+        pointer_table = array("q", pointers)
+        tape_table = array("d", tapes or [0.0])
+        threads = threads_for(sum(numels))
+        self.function(
+            len(numel_table),
+            numel_table.buffer_info()[0],
+            pointer_table.buffer_info()[0],
+            tape_table.buffer_info()[0],
+            0 if shared_tape else self.tape_length,
+            threads,
+        )
+
+
+_KERNELS: dict[tuple[Any, ...], NativeKernel | None] = {}
+
+
+_WARNED: list[str] = []
+
+
+def kernel_for(program: Program) -> NativeKernel | None:
+    """The native kernel of this program's structure, or None where the program cannot be written in C++
+    (a dtype or an operation the generator does not write) or no compiler works (warned once)."""
+    key = program.structure()
+    if key in _KERNELS:
+        return _KERNELS[key]
+    try:
+        kernel: NativeKernel | None = NativeKernel(program)
+    except NoCompiler as reason:
+        kernel = None
+        if not _WARNED:
+            _WARNED.append(str(reason))
+            warnings.warn(
+                f"scratchopt: no native kernels ({reason}); impl='fused' runs through torch.compile",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    except Unsupported:
+        kernel = None
+    _KERNELS[key] = kernel
+    return kernel

@@ -1,0 +1,243 @@
+"""The native runtime: builds a group's pointer table in C++ and calls a native kernel on it.
+
+Reading each param's gradient, its state tensors from ``optimizer.state`` and their data pointers costs
+a few µs per param in Python: most of a step for a model of thousands of small tensors. This small
+extension does it in C++ through torch's own tensor objects (about 20 ns a tensor), reading the state
+afresh at every step exactly as the Python path does, and counts the default ``step`` in place.
+
+It is compiled once per machine and torch version with ``torch.utils.cpp_extension.load_inline`` (tens of
+seconds), in a background thread the first time ``fused`` runs; until it is ready, the Python path
+builds the same table. Both call the same kernel with the same table, so results never depend on which
+one ran. ``SCRATCHOPT_RUNTIME=0`` disables it; ``SCRATCHOPT_RUNTIME=wait`` builds it before the first step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <vector>
+
+namespace py = pybind11;
+
+using Kernel = void (*)(int64_t, const int64_t*, void* const*, const double*, int64_t, int64_t);
+
+// optimizer.state[param] without calling Tensor.__hash__ in Python: a tensor hashes to id(tensor), its
+// address (the caller checks this holds), and a Python int below 2**61 - 1 hashes to itself.
+static PyObject* state_of(PyObject* state, PyObject* param) {
+  return _PyDict_GetItem_KnownHash(state, param, (Py_hash_t)(uintptr_t)param);
+}
+
+// The tensors of one group's params with a gradient, as a native kernel reads them.
+struct Tables {
+  std::vector<int64_t> numels;
+  std::vector<void*> pointers;
+  std::vector<double> steps;  // each param's step after counting (when counted)
+  int64_t status = -1;        // -1: every param can run in the kernel; else the first that cannot
+  int64_t total = 0;          // elements in all
+  bool uniform = true;        // every param has the same step
+
+  // params: list of params; state: optimizer.state; keys: the state keys in update order;
+  // count: advance each state["step"] (a 0-d float tensor) by one once every param passed the checks;
+  // plain: the classes whose data may be read directly (torch.Tensor, torch.nn.Parameter).
+  Tables(py::list params, py::dict state, py::tuple keys, bool count, py::tuple plain) {
+    const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+    const Py_ssize_t k = PyTuple_GET_SIZE(keys.ptr());
+    PyObject* tensor_type = PyTuple_GET_ITEM(plain.ptr(), 0);
+    PyObject* parameter_type = PyTuple_GET_ITEM(plain.ptr(), 1);
+    auto is_plain = [&](PyObject* o) {
+      return (PyObject*)Py_TYPE(o) == tensor_type || (PyObject*)Py_TYPE(o) == parameter_type;
+    };
+    numels.reserve(n);
+    pointers.reserve(n * (k + 2));
+    std::vector<at::Tensor*> counters;
+    py::str step_key("step");
+    uint64_t pattern = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* param = PyList_GET_ITEM(params.ptr(), i);
+      if (!is_plain(param)) { status = i; return; }
+      const at::Tensor& p = THPVariable_Unpack(param);
+      const auto dtype = p.scalar_type();
+      if ((dtype != at::kFloat && dtype != at::kDouble) || !p.device().is_cpu() || !p.is_contiguous()) {
+        status = i; return;
+      }
+      const at::Tensor& g = p.grad();  // param.grad, read without a Python attribute lookup
+      if (!g.defined() || g.layout() != at::kStrided || !g.has_storage() || g.scalar_type() != dtype ||
+          !g.device().is_cpu() || !g.is_contiguous() || g.numel() != p.numel()) { status = i; return; }
+      PyObject* param_state = state_of(state.ptr(), param);  // borrowed; no defaultdict insertion
+      if (param_state == nullptr || !PyDict_Check(param_state) || PyDict_GET_SIZE(param_state) == 0) {
+        status = i; return;
+      }
+      numels.push_back(p.numel());
+      total += p.numel();
+      pointers.push_back(p.data_ptr());
+      pointers.push_back(g.data_ptr());
+      uint64_t present = 0;
+      for (Py_ssize_t key = 0; key < k; ++key) {
+        PyObject* value = PyDict_GetItem(param_state, PyTuple_GET_ITEM(keys.ptr(), key));
+        if (value == nullptr || value == Py_None) continue;
+        if (!is_plain(value)) { status = i; return; }
+        const at::Tensor& s = THPVariable_Unpack(value);
+        if (s.scalar_type() != dtype || !s.device().is_cpu() || !s.is_contiguous() || s.numel() != p.numel()) {
+          status = i; return;
+        }
+        present |= uint64_t(1) << key;
+        pointers.push_back(s.data_ptr());
+      }
+      if (i == 0) pattern = present;
+      else if (present != pattern) { status = i; return; }
+      if (count) {
+        PyObject* step = PyDict_GetItem(param_state, step_key.ptr());
+        if (step == nullptr || !is_plain(step)) { status = i; return; }
+        const at::Tensor& t = THPVariable_Unpack(step);
+        if (t.dim() != 0 || !t.device().is_cpu() || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)) {
+          status = i; return;
+        }
+        counters.push_back(const_cast<at::Tensor*>(&t));
+      }
+    }
+    // Every check passed: only now is anything changed.
+    steps.reserve(counters.size());
+    for (at::Tensor* t : counters) {
+      double value;
+      if (t->scalar_type() == at::kFloat) { float* v = t->data_ptr<float>(); *v += 1.0f; value = *v; }
+      else { double* v = t->data_ptr<double>(); *v += 1.0; value = *v; }
+      if (!steps.empty() && value != steps.front()) uniform = false;
+      steps.push_back(value);
+    }
+  }
+
+  int64_t size() const { return (int64_t)numels.size(); }
+
+  // Run the kernel at address `kernel` over the table; `tapes` holds one row of scalars, or one per param.
+  void launch(uintptr_t kernel, const std::vector<double>& tapes, int64_t stride, int64_t threads) {
+    Kernel run = reinterpret_cast<Kernel>(kernel);
+    py::gil_scoped_release release;
+    run((int64_t)numels.size(), numels.data(), pointers.data(), tapes.data(), stride, threads);
+  }
+};
+
+// The index of the first param whose state tensor (of `keys`) has another dtype or device, or -1.
+int64_t first_mismatch(py::list params, py::dict state, py::tuple keys) {
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  const Py_ssize_t k = PyTuple_GET_SIZE(keys.ptr());
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* param = PyList_GET_ITEM(params.ptr(), i);
+    PyObject* param_state = state_of(state.ptr(), param);
+    if (param_state == nullptr || !PyDict_Check(param_state)) continue;
+    const at::Tensor& p = THPVariable_Unpack(param);
+    for (Py_ssize_t key = 0; key < k; ++key) {
+      PyObject* value = PyDict_GetItem(param_state, PyTuple_GET_ITEM(keys.ptr(), key));
+      if (value == nullptr || !THPVariable_Check(value)) continue;
+      const at::Tensor& s = THPVariable_Unpack(value);
+      if (s.scalar_type() != p.scalar_type() || s.device() != p.device()) return i;
+    }
+  }
+  return -1;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Tables>(m, "Tables")
+      .def(py::init<py::list, py::dict, py::tuple, bool, py::tuple>())
+      .def_readonly("status", &Tables::status)
+      .def_readonly("uniform", &Tables::uniform)
+      .def_readonly("steps", &Tables::steps)
+      .def_readonly("total", &Tables::total)
+      .def("size", &Tables::size)
+      .def("launch", &Tables::launch);
+  m.def("first_mismatch", &first_mismatch);
+}
+"""
+
+_module: Any = None
+_state = "new"  # new → building → ready | failed
+_lock = threading.Lock()
+#: The extension's name: a new source gets a new name, so a process never mixes two builds.
+NAME = "scratchopt_runtime_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+
+
+def build_directory() -> Path:
+    from scratchopt.strategies.kernels.native import cache_dir
+
+    return cache_dir().parent / f"runtime-torch{torch.__version__.replace('+', '_')}"
+
+
+def _load() -> Any:
+    """Build (if needed) and import the extension in this process."""
+    from torch.utils.cpp_extension import load_inline
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_inline(
+            NAME, cpp_sources=[_SOURCE], build_directory=str(directory), extra_cflags=["-O2"], verbose=False
+        )
+
+
+def _build(in_process: bool) -> None:
+    """Build the extension and load it. In the background the compiler runs in a child process, which
+    finishes (and leaves the cache complete) even if this process exits first."""
+    global _module, _state
+    try:
+        if not in_process:
+            subprocess.run(
+                [sys.executable, "-c", "from scratchopt.strategies.kernels import runtime; runtime._load()"],
+                check=True,
+                capture_output=True,
+                timeout=900,
+            )
+        module = _load()
+        _module, _state = module, "ready"
+    except Exception as error:  # no compiler, no headers: the Python path serves
+        _state = "failed"
+        detail = (
+            error.stderr.decode(errors="replace")[-1000:] if isinstance(error, subprocess.CalledProcessError) else error
+        )
+        warnings.warn(
+            f"scratchopt: the native runtime did not build ({type(error).__name__}: {detail}); "
+            "impl='fused' builds its tables in Python",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def ready() -> Any:
+    """The runtime module if it is built, else None (never starts a build)."""
+    return _module if _state == "ready" else None
+
+
+def get() -> Any:
+    """The runtime module, or None while it builds (the first call starts the build) or where it cannot."""
+    global _state
+    if _state == "ready":
+        return _module
+    if _state != "new":
+        return None
+    probe = torch.zeros(())
+    if hash(probe) != id(probe):  # the runtime finds a tensor's state by the hash torch gives it
+        _state = "failed"
+        return None
+    with _lock:
+        if _state == "new":
+            mode = os.environ.get("SCRATCHOPT_RUNTIME", "background")
+            if mode == "0":
+                _state = "failed"
+                return None
+            _state = "building"
+            if mode == "wait":
+                _build(in_process=True)
+            else:
+                threading.Thread(target=_build, args=(False,), name="scratchopt-runtime-build", daemon=True).start()
+    return _module if _state == "ready" else None

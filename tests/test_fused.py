@@ -1,0 +1,218 @@
+"""``impl="fused"``: one native kernel per group and step over torch's own state.
+
+No fixture lowers a threshold here: the kernels run at every size. Each test compares with the loop
+(itself bit-for-bit torch's for-loop) within the strategy's declared ulp bound.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import scratchopt
+from scratchopt.strategies import STRATEGIES
+from scratchopt.strategies.kernels import native, runtime
+from scratchopt.testing import assert_same_state, gradients, hard_groups, hard_params, set_gradients
+
+ELEMENTWISE = [name for name, cls in scratchopt.algorithms.ALGORITHMS.items() if cls.elementwise]
+
+
+@pytest.fixture
+def python_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables built in Python (as before the native runtime is built)."""
+    monkeypatch.setattr(runtime, "get", lambda: None)
+    monkeypatch.setattr(runtime, "ready", lambda: None)
+
+
+@pytest.fixture
+def native_runtime() -> Any:
+    """The native runtime, built here if no earlier test built it (tens of seconds once per machine)."""
+    if runtime.ready() is None:
+        runtime._build(in_process=True)
+    module = runtime.ready()
+    assert module is not None, "the native runtime did not build"
+    return module
+
+
+def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = native.NativeKernel.__call__
+
+    def counting(self: native.NativeKernel, numels: Any, *args: Any) -> None:
+        calls.append(len(numels))
+        original(self, numels, *args)
+
+    monkeypatch.setattr(native.NativeKernel, "__call__", counting)
+    return calls
+
+
+def _run(name: str, impl: str | None, steps: int = 6, dtype: torch.dtype = torch.float32) -> tuple[Any, list[Tensor]]:
+    params = hard_params(dtype)
+    optimizer = getattr(scratchopt, name)(
+        hard_groups(params), **scratchopt.algorithms.ALGORITHMS[name].example_kwargs, impl=impl
+    )
+    for step in range(steps):
+        set_gradients(params, gradients(params, step))
+        optimizer.step()
+    return optimizer, params
+
+
+@pytest.mark.usefixtures("python_tables")
+def test_one_kernel_call_per_group_and_step_at_default_sizes(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    model = nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 1))  # small tensors, a norm first
+    optimizer = scratchopt.AdamW(model.parameters(), lr=0.01, impl="fused")
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 7)).square().mean().backward()
+        optimizer.step()
+    assert calls == [6, 6, 6], calls
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+@pytest.mark.parametrize("tables", ["python", "runtime"])
+def test_every_elementwise_algorithm_matches_the_loop(name, tables, request, monkeypatch):
+    request.getfixturevalue("python_tables" if tables == "python" else "native_runtime")
+    calls = _count_kernel_calls(monkeypatch)
+    for dtype in (torch.float32, torch.float64):
+        loop, loop_params = _run(name, None, dtype=dtype)
+        fused, fused_params = _run(name, "fused", dtype=dtype)
+        assert_same_state(
+            fused, loop, fused_params, loop_params, f"{name} fused ({tables} tables) {dtype}", exact=False
+        )
+    if tables == "python":
+        assert calls, f"{name}: no native kernel ran"
+
+
+def test_the_runtime_counts_steps_and_runs_the_kernel(native_runtime, monkeypatch):
+    """With the runtime built, a steady step builds its table in C++ and counts ``step`` there."""
+    launches: list[int] = []
+    original = native_runtime.Tables
+
+    class Counting:
+        def __init__(self, *args: Any) -> None:
+            self.inner = original(*args)
+            launches.append(self.inner.status)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(native_runtime, "Tables", Counting)
+    optimizer, params = _run("AdamW", "fused", steps=5)
+    assert -1 in launches, launches
+    expected = [float(sum(gradients(params, step)[index] is not None for step in range(5))) for index in range(4)]
+    assert [optimizer.state[p]["step"].item() for p in params if p.requires_grad] == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch's state contract: an edit to optimizer.state or param_groups takes effect on the next step
+# ---------------------------------------------------------------------------------------------------
+
+
+def _edited_run(impl: str | None, edit: str) -> tuple[Any, list[Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(300, generator=gen).requires_grad_(), torch.randn(40, 3, generator=gen).requires_grad_()]
+    spare = torch.randn(40, 3, generator=gen).requires_grad_()
+    optimizer = scratchopt.AdamW(params, lr=0.05, impl=impl)
+    for step in range(6):
+        if step == 3:
+            if edit == "reset state":
+                optimizer.state[params[0]] = {}
+            elif edit == "delete state":
+                del optimizer.state[params[1]]
+            elif edit == "replace a state tensor":
+                optimizer.state[params[0]]["exp_avg_sq"] = torch.zeros_like(params[0])
+            elif edit == "swap a param":
+                optimizer.param_groups[0]["params"][1] = spare
+                params[1] = spare
+        for p in params:
+            p.grad = torch.full_like(p, 0.5) + 0.1 * step * p.detach()
+        optimizer.step()
+    return optimizer, params
+
+
+@pytest.mark.parametrize("edit", ["reset state", "delete state", "replace a state tensor", "swap a param"])
+@pytest.mark.parametrize("impl", ["foreach", "compiled", "fused"])
+def test_edits_to_the_state_and_the_groups_take_effect_as_in_the_loop(impl, edit):
+    loop, loop_params = _edited_run(None, edit)
+    ours, ours_params = _edited_run(impl, edit)
+    assert_same_state(ours, loop, ours_params, loop_params, f"{impl} after {edit!r}", exact=STRATEGIES[impl].exact)
+    if edit != "swap a param":  # torch's state_dict() itself fails on the removed param's leftover state
+        assert len(ours.state_dict()["state"]) == len(loop.state_dict()["state"])
+
+
+def test_fused_keeps_no_memory_besides_the_state():
+    """The state is torch's per-parameter tensors, and nothing else holds parameter-sized memory."""
+    params = [torch.randn(1000, 10).requires_grad_() for _ in range(3)]
+    optimizer = scratchopt.AdamW(params, impl="fused")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state_bytes = sum(t.untyped_storage().nbytes() for s in optimizer.state.values() for t in s.values())
+    assert state_bytes == sum(2 * p.numel() * 4 + 4 for p in params)
+    assert all(
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+    ), "a state tensor is a view of a larger buffer"
+
+
+def test_without_a_compiler_fused_falls_back_with_one_warning(tmp_path):
+    """``CXX`` naming no compiler: one warning, and the same numbers through torch.compile (or eagerly)."""
+    script = textwrap.dedent("""
+        import warnings, torch, scratchopt
+        from scratchopt.testing import hard_params, hard_groups, gradients, set_gradients, assert_same_state
+        results = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for impl in (None, "fused"):
+                params = hard_params(torch.float64)
+                opt = scratchopt.Adam(hard_groups(params), impl=impl)
+                for step in range(4):
+                    set_gradients(params, gradients(params, step))
+                    opt.step()
+                results[impl] = (opt, params)
+        assert_same_state(*[results["fused"][0], results[None][0]], results["fused"][1], results[None][1], "fallback",
+                          exact=False)
+        native = [w for w in caught if "no native kernels" in str(w.message)]
+        print(len(native))
+    """)
+    env = {
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "SCRATCHOPT_CACHE": str(tmp_path / "cache"),
+        "SCRATCHOPT_RUNTIME": "0",
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "1", result.stdout
+
+
+def test_processes_compiling_one_kernel_at_once_share_one_cached_library(tmp_path):
+    script = textwrap.dedent("""
+        import torch, scratchopt
+        from scratchopt.strategies.kernels import native
+        p = [torch.randn(50, requires_grad=True)]
+        opt = scratchopt.RAdam(p, impl="fused", weight_decay=0.25)
+        p[0].grad = torch.ones(50)
+        opt.step()
+        print(sorted(x.name for x in native.cache_dir().glob("*.so")))
+    """)
+    env = {"SCRATCHOPT_CACHE": str(tmp_path), "SCRATCHOPT_RUNTIME": "0", "PATH": "/usr/bin:/bin"}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(3)
+    ]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outputs]
+    libraries = {out.strip() for out, _ in outputs}
+    assert len(libraries) == 1 and libraries != {"[]"}, libraries
+    assert not [x for x in (tmp_path / "kernels").iterdir() if x.is_dir()], "a temporary build was left behind"
