@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from scratchopt.strategies import STRATEGIES, approximate_names, exact_names
+from scratchopt.strategies.kernels import cache, native
 
 #: Strategies that must equal the loop bit for bit, and those allowed a few ulp (compiled kernels), as
 #: each declares in the registry (:data:`scratchopt.strategies.STRATEGIES`).
@@ -36,6 +37,11 @@ EXACT_IMPLS: tuple[str, ...] = exact_names()
 COMPILED_IMPLS: tuple[str, ...] = approximate_names()
 #: The largest tolerance a strategy declares, in units in the last place of the compared values.
 FEW_ULP = max(strategy.ulp for strategy in STRATEGIES.values())
+
+
+def kernel_calls() -> int:
+    """Calls of compiled and native kernels so far in this process."""
+    return cache.CALLS[0] + native.LAUNCHES[0]
 
 
 def is_exact(impl: str) -> bool:
@@ -334,7 +340,9 @@ def check_optimizer(
     steps: int = 20,
     make_params: Callable[[torch.dtype], list[Tensor]] | None = None,
 ) -> list[str]:
-    """Every check above for ``cls(params, **kwargs)``; returns the names of the checks that ran.
+    """Every check above for ``cls(params, **kwargs)``; returns the names of the checks that ran, each
+    strategy comparison saying whether a compiled or native kernel ran in it (``compiled`` runs tensors
+    below ``MIN_KERNEL_NUMEL`` elements eagerly; ``fused`` runs its native kernel at every size).
 
     ``impls`` defaults to every strategy when ``cls.elementwise`` is true (then each must match the
     loop), and to the loop alone otherwise (the other strategies run the loop for it, and say so in
@@ -354,8 +362,10 @@ def check_optimizer(
         assert actual == expected, f"{cls.__name__}(impl={impl!r}).impl is {actual!r}, but {expected!r} runs"
     for impl in impls:
         for dtype in dtypes:
+            before = kernel_calls()
             compare_with_loop(cls, kwargs, impl, dtype, steps, make_params=make_params)
-            ran.append(f"{impl} == loop ({dtype})")
+            reached = "a kernel ran" if kernel_calls() > before else "no kernel ran: the eager update"
+            ran.append(f"{impl} == loop ({dtype}; {reached})")
     for impl in ("loop", *impls):
         check_state_dict_round_trip(cls, kwargs, impl, make_params=make_params)
         check_scheduler(cls, kwargs, impl, make_params=make_params)

@@ -91,6 +91,14 @@ def stack_update(param: Tensor, grad: Tensor, *, lr: float) -> None:
     param.sub_(torch.stack([grad, grad]).mean(0), alpha=lr)
 
 
+def numel_update(param: Tensor, grad: Tensor, *, lr: float) -> None:
+    param.add_(grad, alpha=-lr / param.numel())  # a per-tensor scale: wrong on a buffer or a 1-d view
+
+
+def shape_update(param: Tensor, grad: Tensor, *, lr: float) -> None:
+    param.sub_(grad, alpha=lr * param.shape[0])
+
+
 def foreach_update(param: Tensor, grad: Tensor, *, lr: float) -> None:
     torch._foreach_add_([param], [grad], alpha=-lr)
 
@@ -110,9 +118,17 @@ def falsely_elementwise(update_fn: Any) -> type:
     return Declared
 
 
-@pytest.mark.parametrize("update_fn,operation", [(stack_update, "torch.stack"), (foreach_update, "_foreach_add_")])
+@pytest.mark.parametrize(
+    "update_fn,operation",
+    [
+        (stack_update, "torch.stack"),
+        (foreach_update, "_foreach_add_"),
+        (numel_update, r"numel\(\)"),
+        (shape_update, "shape"),
+    ],
+)
 def test_an_update_calling_a_function_on_a_list_is_refused_by_name(update_fn, operation):
-    with pytest.raises(TypeError, match=f"declares elementwise = True, but its update calls .*{operation}"):
+    with pytest.raises(TypeError, match=f"declares elementwise = True, but its update .*{operation}"):
         falsely_elementwise(update_fn)([torch.zeros(3, requires_grad=True)])
 
 

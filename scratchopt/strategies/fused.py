@@ -157,6 +157,7 @@ def _runtime_step(
     if kernel is None:
         return False, values
     threads = native.threads_for(tables.total)
+    native.LAUNCHES[0] += 1
     if len(rows) == 1:
         tables.launch(kernel.address, program.tape or [0.0], 0, threads)
     else:

@@ -23,6 +23,7 @@ first operation of an update that is not elementwise: the check behind ``element
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,8 +94,10 @@ class Program:
         if name in ("lerp", "lerp_") and len(args) == 2 and not kwargs and encoded[0][1][0] == "s":
             # ATen picks one of two formulas from |weight| < ½ in the tensor's arithmetic type: the choice
             # is part of the program (and of its kernel's key), as any branch taken while recording is.
-            weight = torch.tensor(self.tape[encoded[0][1][1]], dtype=torch.float64).to(opmath(self.dtype_of(receiver)))
-            encoded = (encoded[0], (("lerp_weight_below_half", ("c", bool(weight.abs() < 0.5))),))
+            weight = self.tape[encoded[0][1][1]]
+            if 0.4999 < abs(weight) < 0.5 and opmath(self.dtype_of(receiver)) == torch.float32:
+                weight = struct.unpack("f", struct.pack("f", weight))[0]  # rounded to float32, as ATen does
+            encoded = (encoded[0], (("lerp_weight_below_half", ("c", abs(weight) < 0.5)),))
         if name.endswith("_") and not name.endswith("__"):
             self.ops.append(("m", name, ("r", receiver.rid), encoded, None))
             return receiver
@@ -184,17 +187,18 @@ class Recorded:
 
     @property
     def shape(self) -> torch.Size:
-        return self.program.meta(self.rid).shape
+        raise NotCompilable("the update reads a tensor's shape")
 
+    # A kernel runs on 1-d views of many tensors, or on a buffer of them: an update that reads shapes or
+    # sizes would compute with the kernel's metadata, not the parameter's.
     def size(self, dim: int | None = None) -> Any:
-        meta = self.program.meta(self.rid)
-        return meta.size() if dim is None else meta.size(dim)
+        raise NotCompilable("the update reads a tensor's size()")
 
     def dim(self) -> int:
-        return self.program.meta(self.rid).dim()
+        raise NotCompilable("the update reads a tensor's dim()")
 
     def numel(self) -> int:
-        return self.program.meta(self.rid).numel()
+        raise NotCompilable("the update reads a tensor's numel()")
 
     def is_complex(self) -> bool:
         return self.dtype.is_complex
