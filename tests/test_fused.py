@@ -216,3 +216,27 @@ def test_processes_compiling_one_kernel_at_once_share_one_cached_library(tmp_pat
     libraries = {out.strip() for out, _ in outputs}
     assert len(libraries) == 1 and libraries != {"[]"}, libraries
     assert not [x for x in (tmp_path / "kernels").iterdir() if x.is_dir()], "a temporary build was left behind"
+
+
+def _mixed_run(impl: str | None, case: str) -> tuple[Any, list[Tensor]]:
+    gen = torch.Generator().manual_seed(4)
+    dtypes = (torch.float32, torch.float64) if case == "dtypes" else (torch.float32, torch.float32)
+    params = [torch.randn(200, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for dtype in dtypes]
+    optimizer = scratchopt.Adam(params, lr=0.05, impl=impl)
+    for step in range(4):
+        if step == 1 and case == "state keys":  # a key the update takes but, without amsgrad, leaves alone
+            optimizer.state[params[0]]["max_exp_avg_sq"] = torch.full_like(params[0], 7.0)
+        for p in params:
+            p.grad = torch.full_like(p, 0.3) - 0.2 * step * p.detach()
+        optimizer.step()
+    return optimizer, params
+
+
+@pytest.mark.parametrize("case", ["dtypes", "state keys"])
+@pytest.mark.parametrize("tables", ["python", "runtime"])
+def test_a_group_mixing_dtypes_or_state_keys_runs_each_param_with_its_own_kernel(case, tables, request):
+    """One table holds one dtype and one set of state keys: params that differ get their own call."""
+    request.getfixturevalue("python_tables" if tables == "python" else "native_runtime")
+    loop, loop_params = _mixed_run(None, case)
+    fused, fused_params = _mixed_run("fused", case)
+    assert_same_state(fused, loop, fused_params, loop_params, f"{case} ({tables} tables)", exact=False)

@@ -81,16 +81,22 @@ class Fused(Strategy):
         calls: dict[tuple[Any, ...], tuple[Program, list[tuple[list[Tensor | None], list[float], dict[str, Any]]]]] = {}
         for members in buckets.values():
             scalars = {**hyperparameters, **values[members[0]]}
-            program: Program | None = None
+            # A recording is valid for params of its dtype whose state has the same keys: the kernel reads
+            # one pointer per present tensor, in its dtype.
+            programs: dict[tuple[Any, ...], Program | None] = {}
             for index in members:
                 param = params[index]
                 states = state_tensors(optimizer, param)
                 tensors = _kernel_tensors(param, param.grad, states)  # type: ignore[arg-type]  # has a grad
-                if tensors is not None and program is None:
-                    try:
-                        program = record(optimizer.update, tensors, scalars)
-                    except NotCompilable:
-                        tensors = None
+                program = None
+                if tensors is not None:
+                    kind = (param.dtype, tuple(t is None for t in tensors))
+                    if kind not in programs:
+                        try:
+                            programs[kind] = record(optimizer.update, tensors, scalars)
+                        except NotCompilable:
+                            programs[kind] = None
+                    program = programs[kind]
                 if tensors is None or program is None:
                     optimizer.update(param, param.grad, *states, **scalars)
                     continue

@@ -63,13 +63,17 @@ struct Tables {
     pointers.reserve(n * (k + 2));
     std::vector<at::Tensor*> counters;
     py::str step_key("step");
+    at::ScalarType first_dtype = at::kFloat;
     uint64_t pattern = 0;
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* param = PyList_GET_ITEM(params.ptr(), i);
       if (!is_plain(param)) { status = i; return; }
       const at::Tensor& p = THPVariable_Unpack(param);
       const auto dtype = p.scalar_type();
-      if ((dtype != at::kFloat && dtype != at::kDouble) || !p.device().is_cpu() || !p.is_contiguous()) {
+      if (i == 0) first_dtype = dtype;
+      // One kernel reads every tensor of the table in one dtype.
+      if (dtype != first_dtype || (dtype != at::kFloat && dtype != at::kDouble) || !p.device().is_cpu() ||
+          !p.is_contiguous()) {
         status = i; return;
       }
       const at::Tensor& g = p.grad();  // param.grad, read without a Python attribute lookup
