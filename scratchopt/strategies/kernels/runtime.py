@@ -217,6 +217,11 @@ def _build(in_process: bool) -> None:
         )
 
 
+def state() -> str:
+    """``new``, ``building``, ``ready`` or ``failed``."""
+    return _state
+
+
 def ready() -> Any:
     """The runtime module if it is built, else None (never starts a build)."""
     return _module if _state == "ready" else None
