@@ -240,3 +240,25 @@ def test_a_group_mixing_dtypes_or_state_keys_runs_each_param_with_its_own_kernel
     loop, loop_params = _mixed_run(None, case)
     fused, fused_params = _mixed_run("fused", case)
     assert_same_state(fused, loop, fused_params, loop_params, f"{case} ({tables} tables)", exact=False)
+
+
+def test_the_background_build_never_imports_the_runtime_off_the_main_thread():
+    """The runtime is compiled in a child process; this process imports it on the thread that next asks
+    for it. An import on a background thread aborts a process that exits meanwhile ("terminate called
+    without an active exception"), as a short script on a new machine does."""
+    script = textwrap.dedent("""
+        import time, torch, scratchopt
+        from scratchopt.strategies.kernels import runtime
+        p = [torch.randn(8, requires_grad=True)]
+        opt = scratchopt.AdamW(p, impl="fused")
+        p[0].grad = torch.ones(8)
+        opt.step()
+        start = time.time()
+        while runtime.state() == "building" and time.time() - start < 600:
+            time.sleep(0.1)
+        print(runtime.state())
+        print("ready" if runtime.get() is not None else runtime.state())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=700)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["built", "ready"], result.stdout

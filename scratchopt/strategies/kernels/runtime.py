@@ -191,19 +191,22 @@ def _load() -> Any:
 
 
 def _build(in_process: bool) -> None:
-    """Build the extension and load it. In the background the compiler runs in a child process, which
-    finishes (and leaves the cache complete) even if this process exits first."""
+    """Build the extension; in this process, load it too. In the background only the compiler runs, in a
+    child process that finishes (and leaves the cache complete) even if this process exits first; the
+    extension is then imported by the next :func:`get` on the caller's thread (importing it on a
+    background thread can abort a process that exits meanwhile)."""
     global _module, _state
     try:
-        if not in_process:
-            subprocess.run(
-                [sys.executable, "-c", "from scratchopt.strategies.kernels import runtime; runtime._load()"],
-                check=True,
-                capture_output=True,
-                timeout=900,
-            )
-        module = _load()
-        _module, _state = module, "ready"
+        if in_process:
+            _module, _state = _load(), "ready"
+            return
+        subprocess.run(
+            [sys.executable, "-c", "from scratchopt.strategies.kernels import runtime; runtime._load()"],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+        _state = "built"
     except Exception as error:  # no compiler, no headers: the Python path serves
         _state = "failed"
         detail = (
@@ -218,7 +221,7 @@ def _build(in_process: bool) -> None:
 
 
 def state() -> str:
-    """``new``, ``building``, ``ready`` or ``failed``."""
+    """``new``, ``building``, ``built`` (not yet imported), ``ready`` or ``failed``."""
     return _state
 
 
@@ -229,9 +232,20 @@ def ready() -> Any:
 
 def get() -> Any:
     """The runtime module, or None while it builds (the first call starts the build) or where it cannot."""
-    global _state
+    global _module, _state
     if _state == "ready":
         return _module
+    if _state == "built":
+        with _lock:
+            if _state == "built":
+                try:
+                    _module, _state = _load(), "ready"
+                except Exception as error:
+                    _state = "failed"
+                    warnings.warn(
+                        f"scratchopt: the native runtime did not load ({error})", RuntimeWarning, stacklevel=2
+                    )
+        return _module if _state == "ready" else None
     if _state != "new":
         return None
     probe = torch.zeros(())

@@ -211,6 +211,7 @@ def _native_runtime_ready(timeout_s: float = 120.0) -> str:
     runtime.get()
     while runtime.state() == "building" and time.perf_counter() - start < timeout_s:
         time.sleep(0.2)
+    runtime.get()  # imports a runtime the background build finished
     waited = time.perf_counter() - start
     if runtime.ready() is not None:
         return f"ready (waited {waited:.1f} s)"
