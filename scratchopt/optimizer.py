@@ -307,7 +307,7 @@ class ScratchOptimizer(Algorithm):
         many params in one call. The default bookkeeping (``step += 1`` on 0-d tensors of one device)
         advances every counter with one multi-tensor add and reads them back at once; otherwise (an
         algorithm that overrides :meth:`count_step`, state without ``step``) it runs per param."""
-        if type(self).count_step is ScratchOptimizer.count_step:
+        if self.default_count:
             states = []
             for p in params:
                 state = self.state[p]
@@ -339,12 +339,31 @@ class ScratchOptimizer(Algorithm):
         instead, and ``optimizer.load_state_dict(optimizer.state_dict())`` casts the state like the params.
         """
         if type(self).check_grad is ScratchOptimizer.check_grad:  # the default: one pass over the gradients
-            if self.sparse_error is not None and any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
-                raise RuntimeError(self.sparse_error)
+            if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
+                self.check_sparse_gradients(group)
         else:
             for param in params:
                 self.check_grad(param)
         check_state_matches(self, params, self.state_keys)
+
+    def check_sparse_gradients(self, group: dict[str, Any]) -> None:
+        """Raise torch's error for a group in which some gradient is sparse (``sparse_error``, unless the
+        algorithm takes sparse gradients)."""
+        if self.sparse_error is not None:
+            raise RuntimeError(self.sparse_error)
+
+    @property
+    def default_count(self) -> bool:
+        """Whether the per-parameter bookkeeping is :meth:`count_step`'s own (``step += 1``, where the
+        state has a ``step``), which a strategy may then do natively."""
+        return type(self).count_step is ScratchOptimizer.count_step
+
+    @property
+    def default_checks(self) -> bool:
+        """Whether this algorithm's checks are :meth:`check_inputs`'s own (a strategy may then make them
+        natively): the gradient checks see only sparse gradients, the state checks dtypes and devices."""
+        cls = type(self)
+        return cls.check_grad is ScratchOptimizer.check_grad and cls.check_inputs is ScratchOptimizer.check_inputs
 
     def apply_updates(self) -> None:
         """Update every group with the strategy ``self.impl`` (under ``torch.no_grad()``)."""

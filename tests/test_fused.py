@@ -6,6 +6,7 @@ No fixture lowers a threshold here: the kernels run at every size. Each test com
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 
 import scratchopt
 from scratchopt.strategies import STRATEGIES
-from scratchopt.strategies.kernels import native, runtime
-from scratchopt.testing import assert_same_state, gradients, hard_groups, hard_params, set_gradients
+from scratchopt.strategies import fused as fused_module
+from scratchopt.strategies.kernels import native, recording, runtime, tracing
+from scratchopt.testing import assert_same_state, copy_params, gradients, hard_groups, hard_params, set_gradients
 
 ELEMENTWISE = [name for name, cls in scratchopt.algorithms.ALGORITHMS.items() if cls.elementwise]
 
@@ -262,3 +264,167 @@ def test_the_background_build_never_imports_the_runtime_off_the_main_thread():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=700)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["built", "ready"], result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# The steady step: one native pass over the group, and a traced tape instead of a recording
+# ---------------------------------------------------------------------------------------------------
+
+_VARIANTS = [{}, {"weight_decay": 0.1}, {"maximize": True}]
+
+
+def _captured_calls(name: str, variant: dict[str, Any], steps: int = 8) -> list[tuple[list[Tensor | None], dict]]:
+    """The first param's tensors and the arguments of its ``update`` at each step of the loop, with a
+    changing learning rate (a scheduler's)."""
+    cls = scratchopt.algorithms.ALGORITHMS[name]
+    kwargs = {**cls.example_kwargs, **variant}
+    params = hard_params(torch.float64)
+    try:
+        optimizer = cls(params, **kwargs)
+    except (TypeError, ValueError):
+        pytest.skip(f"{name} takes no {variant}")
+    calls: list[tuple[list[Tensor | None], dict]] = []
+    update = optimizer.update
+
+    def capturing(param: Tensor, grad: Tensor, *states: Any, **arguments: Any) -> None:
+        if param is params[0]:
+            views = [t if t is None else t.detach().clone().view(-1) for t in (param, grad, *states)]
+            calls.append((views, dict(arguments)))
+        update(param, grad, *states, **arguments)
+
+    optimizer.update = capturing  # type: ignore[method-assign]
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.01 * (1 + step) ** -0.5
+        set_gradients(params, [torch.full_like(p, 0.5 - 0.1 * step) for p in params])
+        optimizer.step()
+    return calls
+
+
+@pytest.mark.parametrize("variant", _VARIANTS, ids=["defaults", "weight decay", "maximize"])
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_a_traced_tape_is_the_tape_a_recording_gives(name, variant):
+    """Traced at the first step, the generated function gives bit for bit the tape (and, through its
+    guards, the program) a new recording gives at every later step, or declines."""
+    calls = _captured_calls(name, variant)
+    first_tensors, first_arguments = calls[0]
+    update = scratchopt.algorithms.ALGORITHMS[name].update
+    traced_program, trace = tracing.trace(update, first_tensors, first_arguments, recording.record)
+    assert traced_program.tape == recording.record(update, first_tensors, first_arguments).tape
+    if trace is None:
+        pytest.skip(f"{name}'s update is not traceable")
+    for step, (tensors, arguments) in enumerate(calls):
+        expected = recording.record(update, tensors, arguments)
+        tape = trace.tape_of(arguments)
+        if tape is None:
+            continue  # a guard failed: the caller records again
+        assert expected.structure() == traced_program.structure(), f"{name} step {step}: a guard missed a branch"
+        assert [struct.pack("d", x) for x in tape] == [struct.pack("d", x) for x in expected.tape], (
+            f"{name} step {step}: tape {tape} != {expected.tape}"
+        )
+    assert any(trace.tape_of(arguments) is not None for _, arguments in calls[1:]) or name in _GUARDED_EACH_STEP, (
+        f"{name}: the trace applies to no later step"
+    )
+
+
+#: Algorithms whose update branches on a value that changes at every step (none today).
+_GUARDED_EACH_STEP: frozenset[str] = frozenset()
+
+
+def test_a_guard_declines_a_branch_the_trace_did_not_take():
+    tensors: list[Tensor | None] = [torch.zeros(4) for _ in range(4)] + [None]
+    arguments = dict(
+        lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+        decoupled_weight_decay=True, step=3.0,
+    )  # fmt: skip
+    _, trace = tracing.trace(scratchopt.algorithms.adam.update, tensors, arguments, recording.record)
+    assert trace is not None
+    assert trace.tape_of({**arguments, "step": 4.0, "lr": 2e-3}) is not None
+    assert trace.tape_of({**arguments, "weight_decay": 0.01}) is None  # `if weight_decay != 0` flips
+
+
+def test_an_update_with_a_closure_or_float_conversion_is_recorded_every_time():
+    scale = [2.0]
+
+    def closure_update(param: Any, grad: Any, *, lr: float) -> None:
+        param.add_(grad, alpha=-lr * scale[0])
+
+    def float_update(param: Any, grad: Any, *, lr: float) -> None:
+        param.add_(grad, alpha=-float(lr))
+
+    tensors = [torch.zeros(3), torch.ones(3)]
+    for update in (closure_update, float_update):
+        program, trace = tracing.trace(update, tensors, {"lr": 0.5}, recording.record)
+        assert trace is None and program.tape == recording.record(update, tensors, {"lr": 0.5}).tape
+
+
+def test_the_steady_step_records_nothing(native_runtime, monkeypatch):
+    """After the first steps, a step runs the traced function and one kernel call, whatever the lr."""
+    model = nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 1))
+    optimizer = scratchopt.AdamW(model.parameters(), lr=0.01, impl="fused")
+    reference = scratchopt.AdamW(copy_params(list(model.parameters())), lr=0.01)
+    recordings: list[int] = []
+    original = fused_module.record
+
+    def counting(*args: Any) -> Any:
+        recordings.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fused_module, "record", counting)
+    launches = native.LAUNCHES[0]
+    for step in range(6):
+        for group in (*optimizer.param_groups, *reference.param_groups):
+            group["lr"] = 0.01 / (1 + step)
+        model.zero_grad()
+        model(torch.randn(4, 7, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        for p, q in zip(model.parameters(), reference.param_groups[0]["params"]):
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+        if step == 2:
+            recordings.clear()
+    assert recordings == [], f"{len(recordings)} recordings in the steady steps"
+    assert native.LAUNCHES[0] - launches >= 5
+    assert_same_state(
+        optimizer, reference, list(model.parameters()), reference.param_groups[0]["params"], "traced", exact=False
+    )
+
+
+def _declined_run(impl: str | None, case: str) -> tuple[Any, list[Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(30, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    group = [params[0], params[1], params[1], params[2]] if case == "a param twice" else params
+    optimizer = scratchopt.Adam(group, lr=0.05, weight_decay=0.1, impl=impl)
+    for step in range(5):
+        for index, p in enumerate(params):
+            missing = case == "missing gradients" and (step + index) % 2 == 0
+            p.grad = None if missing else torch.full_like(p, 0.3) - 0.1 * step * p.detach()
+        optimizer.step()
+    return optimizer, params
+
+
+@pytest.mark.parametrize("case", ["a param twice", "missing gradients"])
+def test_the_native_pass_leaves_what_it_cannot_take_to_the_dispatcher(native_runtime, case):
+    loop, loop_params = _declined_run(None, case)
+    fused, fused_params = _declined_run("fused", case)
+    assert_same_state(fused, loop, fused_params, loop_params, f"fused, {case}", exact=False)
+
+
+@pytest.mark.parametrize("case", ["sparse gradient", "state of another dtype"])
+def test_bad_input_raises_before_anything_changes_with_the_native_pass(native_runtime, case):
+    params = [torch.randn(6, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    optimizer = scratchopt.Adam(params, lr=0.1, impl="fused")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    if case == "sparse gradient":
+        params[2].grad = torch.ones(6, dtype=torch.float64).to_sparse()
+    else:
+        optimizer.state[params[2]]["exp_avg"] = optimizer.state[params[2]]["exp_avg"].float()
+    before = [p.detach().clone() for p in params]
+    steps = [optimizer.state[p]["step"].item() for p in params]
+    with pytest.raises(RuntimeError, match="sparse|dtype|float32"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert [optimizer.state[p]["step"].item() for p in params] == steps

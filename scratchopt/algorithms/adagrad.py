@@ -127,11 +127,10 @@ class Adagrad(ScratchOptimizer):
             for param in group["params"]:
                 self.state[param].update(self.init_state(param, group))
 
-    def check_inputs(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        super().check_inputs(group, params)
+    def check_sparse_gradients(self, group: dict[str, Any]) -> None:
         # torch raises this inside its loop, after updating the params before the sparse one; we raise
         # it before any change.
-        if group["weight_decay"] != 0 and any(p.grad is not None and p.grad.is_sparse for p in params):
+        if group["weight_decay"] != 0:
             raise RuntimeError(SPARSE_WEIGHT_DECAY_ERROR)
 
     def share_memory(self) -> None:

@@ -12,6 +12,9 @@ the contract, the data flow of one step and how to add a strategy.
 3. reads the group's hyperparameters;
 4. sends to the loop what only the loop can take — an algorithm that is not elementwise, a group that
    lists a param twice, params with sparse gradients — and the rest to the strategy named ``impl``.
+
+A strategy that can do all of this natively in one pass over the group (:meth:`Strategy.step_group`)
+is offered the group first; it declines, having changed nothing, whenever any of these rules applies.
 """
 
 from __future__ import annotations
@@ -59,13 +62,20 @@ def approximate_names() -> tuple[str, ...]:
 
 def run(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
     """Update one param group with the strategy ``optimizer.impl``."""
+    strategy = STRATEGIES[optimizer.impl]
+    if (
+        strategy is not LOOP
+        and optimizer.elementwise
+        and optimizer.default_checks
+        and strategy.step_group(optimizer, group)
+    ):
+        return
     with_grad = [(p, g) for p, g in zip(group["params"], map(_grad_of, group["params"])) if g is not None]
     if not with_grad:
         return
     params = [p for p, _ in with_grad]
     optimizer.check_inputs(group, params)
     hyperparameters = optimizer.update_arguments(group)
-    strategy = STRATEGIES[optimizer.impl]
     if strategy is not LOOP and (not optimizer.elementwise or _has_duplicates(params)):
         strategy = LOOP
     if strategy is not LOOP and any(g.layout != torch.strided for _, g in with_grad):

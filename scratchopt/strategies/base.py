@@ -12,7 +12,13 @@ The dispatcher (:func:`scratchopt.strategies.run`) has already
 * read the group's hyperparameters once (``optimizer.update_arguments(group)``).
 
 So :meth:`Strategy.update` receives dense, distinct params of an elementwise algorithm, and must update
-them in place, in the storage they have, by calling the one ``update`` of the algorithm. A strategy
+them in place, in the storage they have, by calling the one ``update`` of the algorithm.
+
+A strategy may also take a whole group in one pass (:meth:`Strategy.step_group`) when it makes those
+checks itself, natively, on the group's own list: it either updates the group, exactly as the general
+path would, or returns False having changed nothing, and the dispatcher then takes the general path
+(which raises torch's errors for bad input). The dispatcher offers it only groups of an elementwise
+algorithm whose checks are the default ones. A strategy
 keeps the data it holds per optimizer inside itself (keyed weakly by the optimizer) and forgets it in
 :meth:`Strategy.reset`, which runs after ``load_state_dict``.
 """
@@ -53,6 +59,10 @@ class Strategy:
     ) -> None:
         """Update ``params`` (dense gradients, each listed once, in the group's order) in place."""
         raise NotImplementedError
+
+    def step_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> bool:
+        """Check and update the whole group in one pass; False, with nothing changed, where it cannot."""
+        return False
 
     def reset(self, optimizer: ScratchOptimizer) -> None:
         """Forget what is kept for ``optimizer`` (its state was replaced by ``load_state_dict``)."""

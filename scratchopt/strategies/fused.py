@@ -28,8 +28,9 @@ from torch import Tensor
 from scratchopt.distributed.dtensor import local_shards
 from scratchopt.strategies.base import Hyperparameters, Strategy, state_tensors
 from scratchopt.strategies.compiled import KERNEL_ULP, as_1d
-from scratchopt.strategies.kernels import cache, native, runtime
+from scratchopt.strategies.kernels import cache, native, runtime, tracing
 from scratchopt.strategies.kernels.recording import NotCompilable, Program, record
+from scratchopt.strategies.kernels.tracing import Trace, key_of
 
 if TYPE_CHECKING:
     from scratchopt.optimizer import ScratchOptimizer
@@ -62,17 +63,139 @@ class Fused(Strategy):
     order = 40
     summary = "one generated native kernel per group and step, over torch's own per-parameter state"
 
+    def __init__(self) -> None:
+        # Traces of each update's scalar arithmetic (:mod:`~scratchopt.strategies.kernels.tracing`), by
+        # update, dtype, the state tensors present and what the trace assumes of its arguments.
+        self.traces: dict[tuple[Any, ...], list[Trace]] = {}
+
+    def step_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> bool:
+        """The steady step, through the native runtime: one pass in C++ over the group makes the
+        dispatcher's checks and builds the table (and counts the default ``step``), then one kernel call."""
+        module = runtime.get()
+        if module is None:
+            return False
+        default_count = optimizer.default_count
+        tables = module.Tables(group["params"], optimizer.state, optimizer.state_keys, default_count, _PLAIN)
+        if tables.status != -1:
+            return False  # nothing changed: the general path decides (and raises for bad input)
+        params = tables.params
+        hyperparameters = optimizer.update_arguments(group)
+        if not default_count:
+            # The algorithm's own bookkeeping may create state (SGD's momentum buffer): the table is read
+            # again after it.
+            values = optimizer.count_steps(params, group)
+            tables = module.Tables(params, optimizer.state, optimizer.state_keys, False, _PLAIN)
+            if tables.status != -1:
+                self.update_counted(optimizer, group, params, hyperparameters, values)
+                return True
+        elif tables.counted:
+            steps = tables.steps
+            values = [{"step": steps[0]}] * len(params) if tables.uniform else [{"step": step} for step in steps]
+        else:
+            values = [{}] * len(params)
+        if not self.launch(optimizer, tables, params, hyperparameters, values):
+            self.update_counted(optimizer, group, params, hyperparameters, values)
+        return True
+
     def update(
         self, optimizer: ScratchOptimizer, group: dict[str, Any], params: list[Tensor], hyperparameters: Hyperparameters
     ) -> None:
-        values: list[dict[str, Any]] | None = None
         module = runtime.get()
-        if module is not None:
-            done, values = _runtime_step(module, optimizer, group, params, hyperparameters)
-            if done:
-                return
+        values: list[dict[str, Any]] | None = None
+        if module is not None and optimizer.state.get(params[0]):
+            default_count = optimizer.default_count
+            values = None if default_count else optimizer.count_steps(params, group)
+            tables = module.Tables(params, optimizer.state, optimizer.state_keys, default_count, _PLAIN)
+            if tables.status == -1:
+                if default_count:
+                    steps = tables.steps
+                    values = [{"step": step} for step in steps] if tables.counted else [{}] * len(params)
+                assert values is not None
+                if self.launch(optimizer, tables, params, hyperparameters, values):
+                    return
         if values is None:
             values = optimizer.count_steps(params, group)
+        self.update_counted(optimizer, group, params, hyperparameters, values)
+
+    def launch(
+        self,
+        optimizer: ScratchOptimizer,
+        tables: Any,
+        params: list[Tensor],
+        hyperparameters: Hyperparameters,
+        values: list[dict[str, Any]],
+    ) -> bool:
+        """One kernel call over a native table whose steps are counted; False (nothing changed) where the
+        params take different paths through the update or no kernel can be written for it."""
+        rows: dict[tuple[Any, ...], list[float]] = {}
+        trace: Trace | None = None
+        shared = all(value is values[0] for value in values)  # one dict for all: the steady state
+        for index, value in enumerate(values[:1] if shared else values):
+            key = tuple(value.items())
+            if key in rows:
+                continue
+            found = self.tape(optimizer, params[index], tables, {**hyperparameters, **value})
+            if found is None:
+                return False
+            if (
+                trace is not None
+                and found[0] is not trace
+                and found[0].program.structure() != trace.program.structure()
+            ):
+                return False  # the params take different paths through the update: the Python path
+            trace = trace or found[0]
+            rows[key] = found[1]
+        assert trace is not None
+        if trace.kernel is None:
+            trace.kernel = native.kernel_for(trace.program) or False
+        if trace.kernel is False:
+            return False
+        threads = native.threads_for(tables.total)
+        native.LAUNCHES[0] += 1
+        if len(rows) == 1:
+            tables.launch(trace.kernel.address, next(iter(rows.values())) or [0.0], 0, threads)
+        else:
+            tapes = [x for value in values for x in rows[tuple(value.items())]]
+            tables.launch(trace.kernel.address, tapes or [0.0], len(trace.program.tape), threads)
+        return True
+
+    def tape(
+        self, optimizer: ScratchOptimizer, param: Tensor, tables: Any, arguments: dict[str, Any]
+    ) -> tuple[Trace, list[float]] | None:
+        """The trace of the update for these arguments and its tape: a generated function's result in the
+        steady state, a new recording (and trace) when none applies. None where it cannot be recorded."""
+        assumptions = key_of(arguments)
+        key = None if assumptions is None else (optimizer.update, param.dtype, tables.pattern, assumptions)
+        if key is not None:
+            for trace in self.traces.get(key, ()):
+                tape = trace.tape_of(arguments)
+                if tape is not None:
+                    return trace, tape
+        tensors = [t if t is None else t.view(-1) for t in (param, param.grad, *state_tensors(optimizer, param))]
+        try:
+            program, found = tracing.trace(optimizer.update, tensors, arguments, record)
+        except NotCompilable:
+            return None
+        if found is None:
+            return Trace(program, lambda _: None), program.tape
+        if key is not None:
+            if len(self.traces) > _MAX_TRACES:
+                self.traces.clear()
+            kept = self.traces.setdefault(key, [])
+            kept.insert(0, found)
+            del kept[_MAX_GUARDED:]
+        return found, program.tape
+
+    def update_counted(
+        self,
+        optimizer: ScratchOptimizer,
+        group: dict[str, Any],
+        params: list[Tensor],
+        hyperparameters: Hyperparameters,
+        values: list[dict[str, Any]],
+    ) -> None:
+        """The Python path, with each param's scalars already counted: the table built here (a param that
+        cannot run in a kernel runs eagerly), one kernel call per program structure."""
         buckets: dict[tuple[Any, ...], list[int]] = {}
         for index, value in enumerate(values):
             buckets.setdefault(tuple(value.items()), []).append(index)
@@ -114,62 +237,14 @@ class Fused(Strategy):
             numels = [tensors[0].numel() for tensors, _, _ in rows]  # type: ignore[union-attr]  # the param
             kernel(numels, pointers, first_tape if shared else [v for _, tape, _ in rows for v in tape], shared)
 
+    def reset(self, optimizer: ScratchOptimizer) -> None:
+        """Traces depend on nothing an optimizer keeps: they stay."""
 
-def _runtime_step(
-    module: Any,
-    optimizer: ScratchOptimizer,
-    group: dict[str, Any],
-    params: list[Tensor],
-    hyperparameters: Hyperparameters,
-) -> tuple[bool, list[dict[str, Any]] | None]:
-    """The steady step through the native runtime: the table built (and the default ``step`` counted) in
-    C++, one recording per distinct set of per-parameter scalars, one kernel call. Returns whether it ran,
-    and the per-parameter scalars if they were counted but the step must take the Python path."""
-    from scratchopt.optimizer import ScratchOptimizer
 
-    first_state = optimizer.state.get(params[0])
-    if not first_state:
-        return False, None  # the state is created by the first step's count_step
-    default_count = type(optimizer).count_step is ScratchOptimizer.count_step
-    count_here = default_count and "step" in first_state
-    values = None if default_count else optimizer.count_steps(params, group)
-    tables = module.Tables(params, optimizer.state, optimizer.state_keys, count_here, _PLAIN)
-    if tables.status != -1:
-        return False, values
-    if count_here:
-        steps = tables.steps
-        values = [{"step": steps[0]}] * len(params) if tables.uniform else [{"step": step} for step in steps]
-    elif values is None:
-        values = [{} for _ in params]
-    rows: dict[tuple[Any, ...], list[float]] = {}
-    program: Program | None = None
-    for index, value in enumerate(values):
-        key = tuple(value.items())
-        if key in rows:
-            continue
-        param = params[index]
-        states = state_tensors(optimizer, param)
-        tensors = [t if t is None else t.view(-1) for t in (param, param.grad, *states)]
-        try:
-            recorded = record(optimizer.update, tensors, {**hyperparameters, **value})
-        except NotCompilable:
-            return False, values
-        if program is not None and recorded.structure() != program.structure():
-            return False, values  # the params take different paths through the update: the Python path
-        program = program or recorded
-        rows[key] = recorded.tape
-    assert program is not None
-    kernel = native.kernel_for(program)
-    if kernel is None:
-        return False, values
-    threads = native.threads_for(tables.total)
-    native.LAUNCHES[0] += 1
-    if len(rows) == 1:
-        tables.launch(kernel.address, program.tape or [0.0], 0, threads)
-    else:
-        tapes = [x for value in values for x in rows[tuple(value.items())]]
-        tables.launch(kernel.address, tapes or [0.0], len(program.tape), threads)
-    return True, None
+#: How many traces the strategy keeps in all, and per key (an update whose guards flip, as RAdam's
+#: rectification does once, keeps a few).
+_MAX_TRACES = 1024
+_MAX_GUARDED = 4
 
 
 STRATEGY = Fused()

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from scratchopt.strategies.kernels.tracing import Symbol, recording_helpers
+
 
 class NotCompilable(Exception):
     """The update did something a recorded program cannot express."""
@@ -45,6 +47,10 @@ class Program:
     def __init__(self, inputs: Sequence[Tensor | None]) -> None:
         self.ops: list[tuple] = []
         self.tape: list[float] = []
+        # Where each tape value came from: a traced Symbol, or the value itself (a constant).
+        self.tape_sources: list[Any] = []
+        # Set when a tape value or a constant came from something a trace cannot recompute.
+        self.untraceable = False
         # Meta tensor per recorded value, made only when asked (a steady step never asks: it records
         # only to compute the tape and to look its kernel up).
         self.metas: list[Tensor | None] = []
@@ -69,15 +75,25 @@ class Program:
             if value.program is not self:
                 raise NotCompilable("a value recorded by another program")
             return ("r", value.rid)
+        if isinstance(value, Symbol):
+            if type(value.value) is float:
+                self.tape.append(value.value)
+                self.tape_sources.append(value)
+                return ("s", len(self.tape) - 1)
+            self.untraceable = True  # a traced comparison used as a constant: the program depends on it
+            value = value.value
         if isinstance(value, _CONSTANT_TYPES):
             return ("c", value)
         if isinstance(value, _SCALAR_TYPES):
             self.tape.append(float(value))
+            self.tape_sources.append(float(value))
             return ("s", len(self.tape) - 1)
         if isinstance(value, Tensor):
             if value.dim() != 0 or value.is_complex() or value.requires_grad:
                 raise NotCompilable("a tensor that is not a scalar hyperparameter reached the update")
             self.tape.append(float(value.item()))
+            self.tape_sources.append(None)
+            self.untraceable = True
             return ("s", len(self.tape) - 1)
         if isinstance(value, (tuple, list)):
             return ("l", type(value).__name__, tuple(self.encode(v) for v in value))
@@ -94,10 +110,13 @@ class Program:
         if name in ("lerp", "lerp_") and len(args) == 2 and not kwargs and encoded[0][1][0] == "s":
             # ATen picks one of two formulas from |weight| < ½ in the tensor's arithmetic type: the choice
             # is part of the program (and of its kernel's key), as any branch taken while recording is.
-            weight = self.tape[encoded[0][1][1]]
-            if 0.4999 < abs(weight) < 0.5 and opmath(self.dtype_of(receiver)) == torch.float32:
-                weight = struct.unpack("f", struct.pack("f", weight))[0]  # rounded to float32, as ATen does
-            encoded = (encoded[0], (("lerp_weight_below_half", ("c", abs(weight) < 0.5)),))
+            index = encoded[0][1][1]
+            in_float32 = opmath(self.dtype_of(receiver)) == torch.float32
+            below_half = lerp_weight_below_half(self.tape[index], in_float32)
+            source = self.tape_sources[index]
+            if isinstance(source, Symbol):
+                source.tracer.guard(f"_lerp_weight_below_half({source.name}, {in_float32})", below_half)
+            encoded = (encoded[0], (("lerp_weight_below_half", ("c", below_half)),))
         if name.endswith("_") and not name.endswith("__"):
             self.ops.append(("m", name, ("r", receiver.rid), encoded, None))
             return receiver
@@ -159,6 +178,16 @@ class Program:
             if not isinstance(result, Tensor):
                 raise NotCompilable(f"{target} does not return a tensor")
             self.metas[out] = result
+
+
+def lerp_weight_below_half(weight: float, in_float32: bool) -> bool:
+    """ATen's choice of ``lerp`` formula: |weight| < ½ in the tensor's arithmetic type."""
+    if in_float32 and 0.4999 < abs(weight) < 0.5:
+        weight = struct.unpack("f", struct.pack("f", weight))[0]  # rounded to float32, as ATen does
+    return abs(weight) < 0.5
+
+
+recording_helpers["_lerp_weight_below_half"] = lerp_weight_below_half
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:

@@ -39,84 +39,158 @@ static PyObject* state_of(PyObject* state, PyObject* param) {
   return _PyDict_GetItem_KnownHash(state, param, (Py_hash_t)(uintptr_t)param);
 }
 
-// The tensors of one group's params with a gradient, as a native kernel reads them.
+// What one param of a group leads to, read without changing anything.
+struct Row {
+  PyObject* param = nullptr;
+  at::Tensor* step = nullptr;  // its state["step"], when counted
+  int64_t numel = 0;
+  uint64_t present = 0;        // bit i: the state tensor of keys[i] is present
+  at::ScalarType dtype = at::kFloat;
+  int8_t kind = 0;             // 0: can run in the kernel; 1: no gradient; -1: cannot
+  int8_t has_step = 0;
+};
+
+// dict[key] without PyDict_GetItem's saving and restoring of the error state: the key's hash is given
+// (cached in a str, the address of a tensor).
+static PyObject* item(PyObject* dict, PyObject* key, Py_hash_t hash) {
+  return _PyDict_GetItem_KnownHash(dict, key, hash);
+}
+
+// The tensors of one group's params with a gradient, as a native kernel reads them, after every check
+// the dispatcher makes: built from the group's whole list in one pass of reads, then one of checks.
 struct Tables {
   std::vector<int64_t> numels;
   std::vector<void*> pointers;
   std::vector<double> steps;  // each param's step after counting (when counted)
-  int64_t status = -1;        // -1: every param can run in the kernel; else the first that cannot
+  py::list params;            // the params with a gradient, in the group's order
+  int64_t status = -1;        // -1: every param with a gradient can run in the kernel; else the index
+                              // (in the group) of the first that cannot; -2: no param has a gradient
   int64_t total = 0;          // elements in all
   bool uniform = true;        // every param has the same step
+  bool counted = false;       // the default step was counted
+  uint64_t pattern = 0;       // bit i: the state tensor of keys[i] is present (the same for every param)
 
-  // params: list of params; state: optimizer.state; keys: the state keys in update order;
-  // count: advance each state["step"] (a 0-d float tensor) by one once every param passed the checks;
-  // plain: the classes whose data may be read directly (torch.Tensor, torch.nn.Parameter).
-  Tables(py::list params, py::dict state, py::tuple keys, bool count, py::tuple plain) {
-    const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  // group: the group's params; state: optimizer.state; keys: the state keys in update order;
+  // count: advance each state["step"] (a 0-d float tensor) by one once every param passed the checks,
+  // where every param has one; plain: the classes whose data may be read directly.
+  Tables(py::list group, py::dict state, py::tuple keys, bool count, py::tuple plain) {
+    const Py_ssize_t n = PyList_GET_SIZE(group.ptr());
     const Py_ssize_t k = PyTuple_GET_SIZE(keys.ptr());
-    PyObject* tensor_type = PyTuple_GET_ITEM(plain.ptr(), 0);
-    PyObject* parameter_type = PyTuple_GET_ITEM(plain.ptr(), 1);
+    PyObject* const tensor_type = PyTuple_GET_ITEM(plain.ptr(), 0);
+    PyObject* const parameter_type = PyTuple_GET_ITEM(plain.ptr(), 1);
+    PyObject* const state_dict = state.ptr();
+    PyObject* const list = group.ptr();
+    if (!PyDict_Check(state_dict)) { status = 0; return; }
+    std::vector<PyObject*> key_objects(k);
+    std::vector<Py_hash_t> key_hashes(k);
+    for (Py_ssize_t key = 0; key < k; ++key) {
+      key_objects[key] = PyTuple_GET_ITEM(keys.ptr(), key);
+      key_hashes[key] = PyObject_Hash(key_objects[key]);  // cached for a str
+      if (!PyUnicode_CheckExact(key_objects[key]) || key_hashes[key] == -1) { PyErr_Clear(); status = 0; return; }
+    }
+    py::str step_key("step");
+    const Py_hash_t step_hash = PyObject_Hash(step_key.ptr());
+    std::vector<Row> rows(n);
+    std::vector<void*> row_pointers(n * (k + 2));
     auto is_plain = [&](PyObject* o) {
       return (PyObject*)Py_TYPE(o) == tensor_type || (PyObject*)Py_TYPE(o) == parameter_type;
     };
+    auto read = [&](Py_ssize_t begin, Py_ssize_t end) {
+      for (Py_ssize_t i = begin; i < end; ++i) {
+        Row& row = rows[i];
+        row.kind = -1;
+        PyObject* param = PyList_GET_ITEM(list, i);
+        row.param = param;
+        if (!is_plain(param)) continue;
+        const at::Tensor& p = THPVariable_Unpack(param);
+        const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // param.grad, without a Python lookup
+        if (!g.defined()) { row.kind = 1; continue; }
+        row.dtype = p.scalar_type();
+        if ((row.dtype != at::kFloat && row.dtype != at::kDouble) || !p.device().is_cpu() || !p.is_contiguous()) continue;
+        if (g.layout() != at::kStrided || !g.has_storage() || g.key_set().has(c10::DispatchKey::Python) ||
+            g.scalar_type() != row.dtype || !g.device().is_cpu() || !g.is_contiguous() || g.numel() != p.numel()) {
+          continue;
+        }
+        PyObject* param_state = item(state_dict, param, (Py_hash_t)(uintptr_t)param);  // no defaultdict insertion
+        const bool stateless = param_state == nullptr || (PyDict_Check(param_state) && PyDict_GET_SIZE(param_state) == 0);
+        // The default bookkeeping starts from initialised state; an algorithm's own may keep none (SGD).
+        if ((stateless && count) || (!stateless && !PyDict_Check(param_state))) continue;
+        void** out = &row_pointers[i * (k + 2)];
+        row.numel = p.numel();
+        bool ok = true;
+        for (Py_ssize_t key = 0; key < k && !stateless && ok; ++key) {
+          PyObject* value = item(param_state, key_objects[key], key_hashes[key]);
+          if (value == nullptr || value == Py_None) continue;
+          const at::Tensor* s = is_plain(value) ? &THPVariable_Unpack(value) : nullptr;
+          ok = s != nullptr && s->scalar_type() == row.dtype && s->device().is_cpu() && s->is_contiguous() &&
+               s->numel() == row.numel;
+          if (ok) {
+            row.present |= uint64_t(1) << key;
+            out[2 + __builtin_popcountll(row.present) - 1] = s->data_ptr();
+          }
+        }
+        if (!ok) continue;
+        if (count) {
+          PyObject* step = item(param_state, step_key.ptr(), step_hash);
+          row.has_step = step != nullptr;
+          if (step != nullptr) {
+            if (!is_plain(step)) continue;
+            const at::Tensor& t = THPVariable_Unpack(step);
+            if (t.dim() != 0 || !t.device().is_cpu() ||
+                (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)) {
+              continue;
+            }
+            row.step = const_cast<at::Tensor*>(&t);
+          }
+        }
+        out[0] = p.data_ptr();
+        out[1] = g.data_ptr();
+        row.kind = 0;
+      }
+    };
+    read(0, n);
+    // The checks that compare params, in the group's order.
+    size_t slots = 16;
+    while (slots < 2 * (size_t)n) slots <<= 1;
+    std::vector<PyObject*> seen(slots, nullptr);  // a param listed twice goes to the loop
     numels.reserve(n);
     pointers.reserve(n * (k + 2));
     std::vector<at::Tensor*> counters;
-    py::str step_key("step");
-    at::ScalarType first_dtype = at::kFloat;
-    uint64_t pattern = 0;
+    int with_step = -1;
+    at::ScalarType dtype = at::kFloat;
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* param = PyList_GET_ITEM(params.ptr(), i);
-      if (!is_plain(param)) { status = i; return; }
-      const at::Tensor& p = THPVariable_Unpack(param);
-      const auto dtype = p.scalar_type();
-      if (i == 0) first_dtype = dtype;
-      // One kernel reads every tensor of the table in one dtype.
-      if (dtype != first_dtype || (dtype != at::kFloat && dtype != at::kDouble) || !p.device().is_cpu() ||
-          !p.is_contiguous()) {
+      const Row& row = rows[i];
+      if (row.kind == -1) { status = i; return; }
+      size_t slot = (((uintptr_t)row.param >> 4) * 0x9E3779B97F4A7C15ull) >> 40 & (slots - 1);
+      while (seen[slot] != nullptr) {
+        if (seen[slot] == row.param) { status = i; return; }
+        slot = (slot + 1) & (slots - 1);
+      }
+      seen[slot] = row.param;
+      if (row.kind == 1) continue;  // no gradient
+      if (numels.empty()) { pattern = row.present; with_step = row.has_step; dtype = row.dtype; }
+      // One kernel reads every tensor of the table in one dtype, and the same state tensors of each.
+      if (row.dtype != dtype || row.present != pattern || row.has_step != with_step) {
         status = i; return;
       }
-      const at::Tensor& g = p.grad();  // param.grad, read without a Python attribute lookup
-      if (!g.defined() || g.layout() != at::kStrided || !g.has_storage() || g.scalar_type() != dtype ||
-          !g.device().is_cpu() || !g.is_contiguous() || g.numel() != p.numel()) { status = i; return; }
-      PyObject* param_state = state_of(state.ptr(), param);  // borrowed; no defaultdict insertion
-      if (param_state == nullptr || !PyDict_Check(param_state) || PyDict_GET_SIZE(param_state) == 0) {
-        status = i; return;
-      }
-      numels.push_back(p.numel());
-      total += p.numel();
-      pointers.push_back(p.data_ptr());
-      pointers.push_back(g.data_ptr());
-      uint64_t present = 0;
-      for (Py_ssize_t key = 0; key < k; ++key) {
-        PyObject* value = PyDict_GetItem(param_state, PyTuple_GET_ITEM(keys.ptr(), key));
-        if (value == nullptr || value == Py_None) continue;
-        if (!is_plain(value)) { status = i; return; }
-        const at::Tensor& s = THPVariable_Unpack(value);
-        if (s.scalar_type() != dtype || !s.device().is_cpu() || !s.is_contiguous() || s.numel() != p.numel()) {
-          status = i; return;
-        }
-        present |= uint64_t(1) << key;
-        pointers.push_back(s.data_ptr());
-      }
-      if (i == 0) pattern = present;
-      else if (present != pattern) { status = i; return; }
-      if (count) {
-        PyObject* step = PyDict_GetItem(param_state, step_key.ptr());
-        if (step == nullptr || !is_plain(step)) { status = i; return; }
-        const at::Tensor& t = THPVariable_Unpack(step);
-        if (t.dim() != 0 || !t.device().is_cpu() || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)) {
-          status = i; return;
-        }
-        counters.push_back(const_cast<at::Tensor*>(&t));
-      }
+      void* const* in = &row_pointers[i * (k + 2)];
+      pointers.insert(pointers.end(), in, in + 2 + __builtin_popcountll(row.present));
+      numels.push_back(row.numel);
+      total += row.numel;
+      if (row.step != nullptr) counters.push_back(row.step);
+    }
+    if (numels.empty()) { status = -2; return; }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (rows[i].kind == 0) params.append(py::handle(rows[i].param));
     }
     // Every check passed: only now is anything changed.
+    counted = !counters.empty();
     steps.reserve(counters.size());
     for (at::Tensor* t : counters) {
       double value;
       if (t->scalar_type() == at::kFloat) { float* v = t->data_ptr<float>(); *v += 1.0f; value = *v; }
       else { double* v = t->data_ptr<double>(); *v += 1.0; value = *v; }
+      if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();  // as `step += 1` does
       if (!steps.empty() && value != steps.front()) uniform = false;
       steps.push_back(value);
     }
@@ -158,6 +232,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("uniform", &Tables::uniform)
       .def_readonly("steps", &Tables::steps)
       .def_readonly("total", &Tables::total)
+      .def_readonly("counted", &Tables::counted)
+      .def_readonly("pattern", &Tables::pattern)
+      .def_readonly("params", &Tables::params)
       .def("size", &Tables::size)
       .def("launch", &Tables::launch);
   m.def("first_mismatch", &first_mismatch);
