@@ -67,7 +67,7 @@ class Preset:
     steps_per_round: int
     #: Largest model (in tensors) the per-tensor ``compiled`` column runs on.
     compile_max_tensors: int
-    #: Measure the first fused step in fresh processes with an empty Inductor cache.
+    #: Measure the first fused step in fresh processes with empty caches.
     warmup_compile: bool
 
     def as_json(self) -> dict[str, Any]:

@@ -56,8 +56,19 @@ class NoCompiler(Unsupported):
 
 _CTYPE = {torch.float32: "float", torch.float64: "double"}
 #: Flags that make the compiler's arithmetic ATen's: no contraction beyond the explicit fmas, IEEE sqrt
-#: (``-fno-math-errno`` lets it vectorise), and the machine's vector units.
-CXX_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+#: (``-fno-math-errno`` lets it vectorise), and the machine's vector units. ``-fno-trapping-math`` lets
+#: the compiler turn the selects of comparisons (Rprop's sign tests) into vector blends; it changes no
+#: result, only whether floating-point exceptions could trap, which nothing enables.
+CXX_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+)
 #: Below this many elements in a call the kernel runs on one thread: a parallel region costs more there.
 MIN_PARALLEL_NUMEL = 65536
 

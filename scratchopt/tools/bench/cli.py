@@ -101,6 +101,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(table.table(results))
     if results["compile_warmup"]:
         print("\n" + table.format_warmup(results))
+    if results.get("resident_memory"):
+        print("\n" + table.format_resident(results))
     print("\n" + table.format_targets(results))
     if results["left_out"]:
         print("\n" + table.format_left_out(results))

@@ -1,7 +1,9 @@
 """The first fused step, in fresh processes: what a new user waits for while the kernel compiles.
 
-A child process is started for each measurement, with ``TORCHINDUCTOR_CACHE_DIR`` pointing at one
-temporary directory that starts empty: the first child runs every algorithm in turn (the first pays
+A child process is started for each measurement, with ``TORCHINDUCTOR_CACHE_DIR`` and
+``SCRATCHOPT_CACHE`` (the native kernels) pointing at one temporary directory that starts empty, and the
+native runtime's background build off (``SCRATCHOPT_RUNTIME=0``: the first steps build their tables in
+Python, as they do on a new machine while the runtime compiles): the first child runs every algorithm in turn (the first pays
 Inductor's once-per-machine setup and its own compile, each further one compiles its own kernel), the
 second runs the first algorithm again and is served from the cache. A child that fails, times out or
 prints nothing is reported in its rows, with the reason; the benchmark carries on.
@@ -24,7 +26,7 @@ from scratchopt.tools.bench.timing import Runner
 from scratchopt.tools.presets import PRESETS
 from scratchopt.tools.workloads import make_workload
 
-EMPTY_CACHE = "empty Inductor cache, new process"
+EMPTY_CACHE = "empty caches, new process"
 SAME_PROCESS = "new kernel, same process"
 CACHED = "cached, new process"
 #: Seconds a child may take before it is stopped and its rows say so.
@@ -120,7 +122,12 @@ def compile_warmup(
     runs = [(algorithms, [EMPTY_CACHE] + [SAME_PROCESS] * (len(algorithms) - 1)), (algorithms[:1], [CACHED])]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="scratchopt-inductor-") as cache:
-        environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        environment = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": cache,
+            "SCRATCHOPT_CACHE": cache,
+            "SCRATCHOPT_RUNTIME": "0",
+        }
         for names, labels in runs:
             measured = run_child(names, layers, device.type, threads, environment, timeout_s)
             for algorithm, label, found in zip(names, labels, measured, strict=True):

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt.tools.bench import cold_start, memory, roofline
+from scratchopt.tools.bench import cold_start, memory, roofline, rss
 from scratchopt.tools.bench.columns import (
     COLUMNS,
     MODES,
     OURS_COMPILED,
     OURS_FUSED,
     REFERENCE_COLUMN,
+    TORCH_FUSED,
     AlgorithmRow,
     Mode,
     algorithm_rows,
@@ -60,8 +61,6 @@ class Row:
     notes: dict[str, str] = field(default_factory=dict)
     #: Train steps every column had taken when the parameters were compared.
     steps_compared: int = 0
-    update_B_per_param: float = 0.0
-    gather_B_per_param: float = 0.0
     traffic_B_per_param: float = 0.0
     roofline_ms: float = 0.0
     #: Wall-clock seconds the whole row took (building, every loop, memory, parity).
@@ -160,8 +159,7 @@ def run_row(
             )
     if runners:
         counted = by_column.get(REFERENCE_COLUMN, runners[0])
-        row.update_B_per_param, row.gather_B_per_param = roofline.traffic_bytes_per_param(counted.optimizer)
-        row.traffic_B_per_param = row.update_B_per_param + row.gather_B_per_param
+        row.traffic_B_per_param = roofline.traffic_bytes_per_param(counted.optimizer)
         row.roofline_ms = roofline.roofline_ms(row.traffic_B_per_param, row.numel, bandwidth_GBps)
     if measure_memory:
         for runner in runners:
@@ -198,7 +196,7 @@ def _check_choices(kind: str, given: list[str], choices: Any) -> None:
         raise UnknownChoice(f"unknown {kind} {unknown} (choices: {', '.join(choices)})")
 
 
-#: The row measured first, in an empty Inductor cache, when it is run: the optimizer most models train with.
+#: The row measured first, with empty caches, when it is run: the optimizer most models train with.
 COLD_START_FIRST = "AdamW"
 
 
@@ -216,6 +214,32 @@ def _native_runtime_ready(timeout_s: float = 120.0) -> str:
     if runtime.ready() is not None:
         return f"ready (waited {waited:.1f} s)"
     return f"not available ({runtime.state()} after {waited:.0f} s): ours fused builds its tables in Python"
+
+
+def resident_memory(
+    rows: list[Row],
+    described: dict[str, dict[str, Any]],
+    preset: Preset,
+    columns: list[str],
+    threads: int,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Peak-RSS growth of torch fused's and ours fused's loops (:mod:`~scratchopt.tools.bench.rss`), each
+    in a fresh process, on every workload of the run and (full preset) on 100M parameters; for AdamW,
+    or the first algorithm run."""
+    measured_columns = [c for c in (TORCH_FUSED, OURS_FUSED) if c in columns]
+    labels = list(dict.fromkeys(row.algorithm for row in rows))
+    if not measured_columns or not labels:
+        return []
+    label = "AdamW" if "AdamW" in labels else labels[0]
+    workloads = list(described) + ([rss.WIDE] if preset.name == "full" else [])
+    found = []
+    for workload in workloads:
+        log(f"peak RSS of the loop, fresh processes: {label} on {workload} …")
+        for column in measured_columns:
+            result = rss.measure(workload, preset.name, preset.mlp_layers, label, column, threads)
+            found.append({"workload": workload, "algorithm": label, "column": column, **result})
+    return found
 
 
 def run_bench(
@@ -259,8 +283,10 @@ def run_bench(
     if any(column == OURS_FUSED for column in columns):
         log(f"native runtime of ours fused: {_native_runtime_ready()}")
     bandwidth = roofline.measure_bandwidth(dev)
+    stream = f"{bandwidth['stream_GBps']:.1f} GB/s" if bandwidth["stream_GBps"] else "not measured"
     log(
-        f"memory bandwidth: {bandwidth['axpy_GBps']:.1f} GB/s (axpy), {bandwidth['copy_GBps']:.1f} GB/s (copy); "
+        f"memory bandwidth: {stream} (read 4 arrays, write 3: the roofline's), "
+        f"{bandwidth['axpy_GBps']:.1f} GB/s (axpy), {bandwidth['copy_GBps']:.1f} GB/s (copy); "
         f"{threads} threads; device {dev}"
     )
     rows: list[Row] = []
@@ -271,7 +297,9 @@ def run_bench(
         log(f"[{name}] {workload.description}: {model_size(workload.tensors, workload.numel)}")
         for algorithm in chosen:
             for mode_name in modes_for(algorithm.label, name, preset, modes):
-                row = run_row(workload, algorithm, mode_name, columns, preset, dev, bandwidth["axpy_GBps"], memory)
+                row = run_row(
+                    workload, algorithm, mode_name, columns, preset, dev, roofline.roofline_bandwidth(bandwidth), memory
+                )
                 rows.append(row)
                 if row_done is not None:
                     row_done(row)
@@ -280,9 +308,10 @@ def run_bench(
         gc.collect()
     warmup: list[dict[str, Any]] = []
     if preset.warmup_compile if warmup_compile is None else warmup_compile:
-        log("first fused step in fresh processes (Inductor cache starting empty) …")
+        log("first fused step in fresh processes (caches starting empty) …")
         names = sorted((row.label for row in chosen), key=lambda label: label != COLD_START_FIRST)
         warmup = cold_start.compile_warmup(names, preset.mlp_layers, dev, threads)
+    resident = resident_memory(rows, described, preset, columns, threads, log) if memory and dev.type == "cpu" else []
     results = {
         "meta": {
             "preset": preset.name,
@@ -303,8 +332,9 @@ def run_bench(
         "workloads": described,
         "rows": [asdict(row) for row in rows],
         "compile_warmup": warmup,
+        "resident_memory": resident,
         "left_out": left_out,
         "kwargs": {row.label: {key: repr(value) for key, value in row.kwargs.items()} for row in chosen},
     }
-    results["targets"] = targets(rows, described, warmup)
+    results["targets"] = targets(rows, described, warmup, resident)
     return results

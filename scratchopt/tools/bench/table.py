@@ -68,7 +68,7 @@ def table(results: dict[str, Any]) -> str:
                 cells = [
                     r["algorithm"],
                     *(_times(r, c) for c in columns),
-                    f"{r['roofline_ms']:.2f} ({r['update_B_per_param']:.0f}+{r['gather_B_per_param']:.0f})",
+                    f"{r['roofline_ms']:.2f} ({r['traffic_B_per_param']:.0f})",
                     f"{torch_fused / fused:.2f}×" if fused and torch_fused else "—",
                     f"{fused / r['roofline_ms']:.2f}×" if fused and r["roofline_ms"] else "—",
                 ]
@@ -114,7 +114,7 @@ def format_targets(results: dict[str, Any]) -> str:
 
 
 def format_warmup(results: dict[str, Any]) -> str:
-    lines = ["first fused step in fresh processes (one Inductor cache, starting empty):"]
+    lines = ["first fused step in fresh processes (one cache directory, starting empty):"]
     for run in results["compile_warmup"]:
         if "error" in run:
             lines.append(f"  {run['algorithm']} ({run['cache']}): not measured: {run['error']}")
@@ -123,6 +123,18 @@ def format_warmup(results: dict[str, Any]) -> str:
                 f"  {run['algorithm']} ({run['cache']}): first step {run['first_step_s']:.1f} s, "
                 f"second {run['second_step_s'] * 1e3:.1f} ms"
             )
+    return "\n".join(lines)
+
+
+def format_resident(results: dict[str, Any]) -> str:
+    """Peak-RSS growth over a few train steps, each column in a fresh process, beside the state."""
+    lines = ["peak RSS growth of the loop over 3 train steps, each column in a fresh process (MB):"]
+    for run in results.get("resident_memory", []):
+        where = f"  {run['algorithm']} on {run['workload']}, {run['column']}"
+        if "error" in run:
+            lines.append(f"{where}: not measured: {run['error']}")
+        else:
+            lines.append(f"{where}: {run['peak_growth_MB']:.1f} (of which state {run['state_MB']:.1f})")
     return "\n".join(lines)
 
 

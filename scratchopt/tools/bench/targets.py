@@ -3,8 +3,9 @@
 Each goal is a ratio of medians from one process (which holds better than the times themselves on a
 shared machine), in the default loop (``zero_grad()``): how much faster ours fused is than torch fused
 on the 2000-layer MLP, the GPT-like model and the large tensor; how much slower it may be on the tiny model;
-how close it comes to the roofline on models of a million parameters or more; and how long the first
-fused step (the compile) takes in a fresh process. The verdicts are plain sentences, e.g. "ours fused is
+how close it comes to the roofline on models of a million parameters or more; how long the first
+fused step (the compile) takes in a fresh process; and how much more resident memory its loop needs
+than torch fused's at 100M parameters. The verdicts are plain sentences, e.g. "ours fused is
 2.10× faster than torch fused (goal: at least 3× faster; missed)". Nothing is tuned toward them.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from scratchopt.tools.bench.cold_start import CACHED
 from scratchopt.tools.bench.columns import DEFAULT_MODE, OURS_FUSED, TORCH_FUSED
+from scratchopt.tools.bench.rss import WIDE
 
 #: (workload, column of ours, least speed-up over torch fused it aims for: torch fused's time ÷ ours).
 SPEEDUP_GOALS = (
@@ -29,6 +31,9 @@ ROOFLINE_LIMIT = 1.1
 ROOFLINE_MIN_PARAMS = 1_000_000
 #: The first fused step in a fresh process (compiling, or loading from the cache) may take this long.
 FIRST_STEP_LIMIT_S = 10.0
+#: The peak-RSS growth of ours fused's loop may exceed torch fused's by at most this fraction of the
+#: optimizer's state, on the 100M-parameter model.
+EXTRA_MEMORY_LIMIT = 0.01
 
 
 def speed(ratio: float) -> str:
@@ -97,10 +102,35 @@ def _speedup_goal(where: str, column: str, ratio: float | None, goal: float, not
 
 
 def targets(
-    rows: list[Any], workloads: dict[str, dict[str, Any]], warmup: list[dict[str, Any]]
+    rows: list[Any],
+    workloads: dict[str, dict[str, Any]],
+    warmup: list[dict[str, Any]],
+    resident: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every goal that applies to this run's rows (``bench.run.Row``) and cold-start measurements."""
+    """Every goal that applies to this run's rows (``bench.run.Row``), cold-start and resident-memory
+    measurements."""
     found: list[Goal] = []
+    by_column = {(r["workload"], r["column"]): r for r in resident or []}
+    for (workload, column), ours in by_column.items():
+        theirs = by_column.get((workload, TORCH_FUSED))
+        if column != OURS_FUSED or workload != WIDE or theirs is None:
+            continue
+        failed = ours.get("error") or theirs.get("error")
+        extra = None if failed else (ours["peak_growth_MB"] - theirs["peak_growth_MB"]) / theirs["state_MB"]
+        found.append(
+            Goal(
+                f"{ours['algorithm']}, {workload}",
+                f"peak RSS growth of {OURS_FUSED} over {TORCH_FUSED}'s",
+                extra,
+                EXTRA_MEMORY_LIMIT,
+                False,
+                f"{OURS_FUSED}'s loop grows the peak RSS by {extra:+.2%} of the state more than {TORCH_FUSED}'s"
+                if extra is not None
+                else "",
+                f"at most {EXTRA_MEMORY_LIMIT:.0%} of the state more",
+                f"not measured: {failed}" if failed else "not measured",
+            )
+        )
     for row in rows:
         if row.mode != DEFAULT_MODE:
             continue
