@@ -17,7 +17,7 @@ import torch
 
 from scratchopt.algorithms import ALGORITHMS
 from scratchopt.tools import cli
-from scratchopt.tools.bench import cold_start, columns, roofline, table, targets
+from scratchopt.tools.bench import cold_start, columns, roofline, rss, table, targets
 from scratchopt.tools.bench.run import run_bench
 from scratchopt.tools.presets import PRESETS
 
@@ -229,3 +229,40 @@ def test_outputs_are_written(results: dict[str, Any], tmp_path: Path) -> None:
         lines = list(csv.DictReader(f))
     assert len(lines) == len(results["rows"]) * len(COLUMNS)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from /proc")
+@pytest.mark.parametrize("column", ["torch fused", "ours fused"])
+def test_resident_memory_is_measured_in_a_fresh_process(column: str) -> None:
+    """The child trains the tiny model: its state is AdamW's (two moments and a 4-byte step per tensor)."""
+    found = rss.measure("tiny", "quick", 4, "AdamW", column, threads=1)
+    assert "error" not in found, found
+    assert found["state_MB"] == pytest.approx((1441 * 8 + 6 * 4) / 1e6)
+    assert found["peak_growth_MB"] >= 0
+
+
+def test_the_memory_goal_compares_the_two_fused_columns_against_the_state() -> None:
+    resident = [
+        {
+            "workload": rss.WIDE,
+            "algorithm": "AdamW",
+            "column": "torch fused",
+            "peak_growth_MB": 900.0,
+            "state_MB": 800.0,
+        },
+        {
+            "workload": rss.WIDE,
+            "algorithm": "AdamW",
+            "column": "ours fused",
+            "peak_growth_MB": 912.0,
+            "state_MB": 800.0,
+        },
+    ]
+    (goal,) = targets.targets([], {}, [], resident)
+    assert goal["measured"] == pytest.approx(0.015) and not goal["met"], goal
+    assert "+1.50% of the state" in goal["verdict"]
+    resident[1]["peak_growth_MB"] = 903.0
+    assert targets.targets([], {}, [], resident)[0]["met"]
+    resident[1] = {"workload": rss.WIDE, "algorithm": "AdamW", "column": "ours fused", "error": "timed out"}
+    (goal,) = targets.targets([], {}, [], resident)
+    assert goal["verdict"].startswith("not measured: timed out") and not goal["met"]

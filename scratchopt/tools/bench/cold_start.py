@@ -68,21 +68,9 @@ def _tail(text: str | bytes | None, characters: int = 200) -> str:
     return lines[-1][-characters:] if lines else "(empty)"
 
 
-def run_child(
-    algorithms: list[str],
-    layers: int,
-    device: str,
-    threads: int,
-    environment: dict[str, str],
-    timeout_s: float = CHILD_TIMEOUT_S,
-) -> list[dict[str, Any]]:
-    """One child's measurements, one per algorithm; each is ``{"error": why}`` when the child did not
-    give it (timed out, failed, printed nothing or something that is not its result)."""
-
-    def failed(why: str) -> list[dict[str, Any]]:
-        return [{"error": why} for _ in algorithms]
-
-    script = _FIRST_STEPS_SCRIPT.format(algorithms=algorithms, layers=layers, device=device, threads=threads)
+def json_from_child(script: str, environment: dict[str, str], timeout_s: float) -> tuple[Any, str | None]:
+    """Run ``script`` in a fresh Python process; (the JSON its last line of output holds, None), or
+    (None, why) when it timed out, failed, or printed nothing of the kind."""
     try:
         done = subprocess.run(
             [sys.executable, "-c", script],
@@ -93,21 +81,37 @@ def run_child(
             check=False,
         )
     except subprocess.TimeoutExpired as expired:
-        return failed(f"timed out after {timeout_s:.0f} s (last output: {_tail(expired.stderr)})")
+        return None, f"timed out after {timeout_s:.0f} s (last output: {_tail(expired.stderr)})"
     except OSError as error:
-        return failed(f"could not start a Python process: {error}")
+        return None, f"could not start a Python process: {error}"
     if done.returncode != 0:
-        return failed(f"child exited with status {done.returncode}: {_tail(done.stderr)}")
+        return None, f"child exited with status {done.returncode}: {_tail(done.stderr)}"
     lines = (done.stdout or "").strip().splitlines()
     if not lines:
-        return failed(f"child printed nothing: {_tail(done.stderr)}")
+        return None, f"child printed nothing: {_tail(done.stderr)}"
     try:
-        measured = json.loads(lines[-1])
+        return json.loads(lines[-1]), None
     except json.JSONDecodeError:
-        return failed(f"child printed no result: {_tail(lines[-1])}")
-    if not isinstance(measured, list) or len(measured) != len(algorithms):
-        return failed(f"child printed {_tail(lines[-1])}, not one measurement per algorithm")
-    return measured
+        return None, f"child printed no result: {_tail(lines[-1])}"
+
+
+def run_child(
+    algorithms: list[str],
+    layers: int,
+    device: str,
+    threads: int,
+    environment: dict[str, str],
+    timeout_s: float = CHILD_TIMEOUT_S,
+) -> list[dict[str, Any]]:
+    """One child's measurements, one per algorithm; each is ``{"error": why}`` when the child did not
+    give it (timed out, failed, printed nothing or something that is not its result)."""
+    script = _FIRST_STEPS_SCRIPT.format(algorithms=algorithms, layers=layers, device=device, threads=threads)
+    measured, why = json_from_child(script, environment, timeout_s)
+    if why is None and (not isinstance(measured, list) or len(measured) != len(algorithms)):
+        why = f"child printed {_tail(json.dumps(measured))}, not one measurement per algorithm"
+    if why is not None:
+        return [{"error": why} for _ in algorithms]
+    return list(measured)
 
 
 def compile_warmup(

@@ -11,9 +11,7 @@ the mark cannot be reset) the measurement says so.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scratchopt.tools.bench.cold_start import json_from_child
 from scratchopt.tools.bench.columns import DEFAULT_MODE, MODES, algorithm_rows, build_optimizer
 from scratchopt.tools.bench.memory import state_bytes_per_param
 from scratchopt.tools.presets import preset as named_preset
@@ -91,23 +90,7 @@ def measure(workload: str, preset: str, mlp_layers: int, label: str, column: str
         threads=threads, workload=workload, preset=preset, layers=mlp_layers, label=label, column=column
     )
     # The native runtime is awaited so that its build (in a child of the child) is not counted.
-    environment = {**os.environ, "SCRATCHOPT_RUNTIME": "wait"}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            check=False,
-            env=environment,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {CHILD_TIMEOUT_S:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1][-200:]
-        return {"error": f"child exited with status {done.returncode}: {tail}"}
-    try:
-        return dict(json.loads(lines[-1]))
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return {"error": f"child printed {lines[-1][-200:]!r}"}
+    measured, why = json_from_child(script, {**os.environ, "SCRATCHOPT_RUNTIME": "wait"}, CHILD_TIMEOUT_S)
+    if why is None and not isinstance(measured, dict):
+        why = f"child printed {measured!r}"
+    return {"error": why} if why is not None else dict(measured)
