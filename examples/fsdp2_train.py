@@ -3,7 +3,7 @@
 Run it on two processes of one machine (gloo):
 
     torchrun --nproc_per_node 2 examples/fsdp2_train.py
-    torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py --impl flat --steps 50
+    torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py --impl fused --steps 50
 
 ``--standalone`` lets torchrun pick a free port instead of its default 29500.
 
@@ -12,7 +12,7 @@ The model (a 3-layer MLP regressing a fixed random teacher network) is wrapped w
 optimizer, built on ``model.parameters()`` as usual, updates only its rank's shards and keeps its state as
 DTensors sharded the same way. A second copy of the model trains with ``torch.optim.AdamW`` on the same
 batches, and the script prints both losses and the largest difference between the two models' parameters
-(zero for the bit-exact strategies loop, foreach and flat; a few units in the last place for compiled and
+(zero for the bit-exact strategies loop and foreach; a few units in the last place for compiled and
 fused).
 """
 

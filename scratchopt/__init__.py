@@ -11,7 +11,6 @@ from typing import Any
 from scratchopt.algorithms import ALGORITHMS
 from scratchopt.distributed import step_in_backward
 from scratchopt.optimizer import Algorithm, ClosureOptimizer, ScratchOptimizer, new_step_counter
-from scratchopt.strategies.flat_state import contiguous_parameters
 
 globals().update(ALGORITHMS)
 
@@ -21,7 +20,6 @@ __all__ = [
     "Algorithm",
     "ClosureOptimizer",
     "ScratchOptimizer",
-    "contiguous_parameters",
     "new_step_counter",
     "step_in_backward",
 ]

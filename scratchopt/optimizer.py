@@ -13,8 +13,8 @@ An algorithm says what its math is and nothing about how it is executed. A subcl
 ``update(param, grad, *state_tensors, **arguments)`` (a static method)
     The math of one step, written once with Tensor methods (``add_``, ``mul_``, ``lerp_``, ``addcmul_``,
     ``addcdiv_``, ``sqrt`` …) and Python arithmetic on the scalar arguments. A strategy hands it one
-    tensor (``impl="loop"``), lists of tensors (``"foreach"``), one flat buffer per group (``"flat"``) or
-    stand-ins it compiles into a kernel (``"compiled"``, ``"fused"``), so it must not read tensor data
+    tensor (``impl="loop"``), lists of tensors (``"foreach"``) or stand-ins it compiles into a kernel
+    (``"compiled"``, ``"fused"``), so it must not read tensor data
     into Python (no ``.item()``, no ``if (x > 0).any()``).
 ``state_keys``
     The names of the per-parameter state tensors, in the order ``update`` takes them (None is passed
@@ -28,8 +28,8 @@ An algorithm says what its math is and nothing about how it is executed. A subcl
     "beta2")}``). Override :meth:`ScratchOptimizer.update_arguments` for anything else.
 ``count_step(param, group)`` (optional)
     The per-parameter bookkeeping of a step and the per-parameter scalars ``update`` takes. The default
-    counts ``state["step"]`` and passes it as ``step``; NAdam also advances its μ product here. Under
-    the flat strategies it runs once per buffer for every parameter at once.
+    counts ``state["step"]`` and passes it as ``step`` (``fused`` does that natively); NAdam also
+    advances its μ product here.
 ``elementwise``
     True when ``update`` treats every element independently (no reductions, no reshapes, no mixing of
     elements), so it may run on lists, concatenated buffers and compiled kernels. False (the default)

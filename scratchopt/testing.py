@@ -10,7 +10,7 @@ It runs the optimizer under every strategy that applies to it beside ``impl="loo
 on the *hard parameter set* — a matrix, a 0-d param, a non-contiguous (transposed) param, a param
 without a gradient on some steps and a frozen one, in two param groups whose second overrides ``lr``
 and ``weight_decay`` — and compares the params and every state tensor after the run: bit for bit for
-``foreach`` and ``flat``, within a few ulp for ``compiled`` and ``fused``. It then checks a state_dict
+``foreach``, within a few ulp for ``compiled`` and ``fused``. It then checks a state_dict
 round trip (k steps, save, load into a new optimizer, continue: equal to an uninterrupted run), a
 learning-rate scheduler, and, when given, a reference step written straight from the paper's equations.
 

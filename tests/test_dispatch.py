@@ -18,7 +18,7 @@ from torch import Tensor
 
 import scratchopt
 from scratchopt.algorithms.adam import Adam
-from scratchopt.strategies import NAMES, STRATEGIES, flat_state
+from scratchopt.strategies import NAMES, STRATEGIES
 from scratchopt.testing import assert_same_state, gradients, set_gradients
 
 pytestmark = pytest.mark.usefixtures("kernels_at_every_size")
@@ -146,37 +146,6 @@ def test_a_group_added_later_is_checked_against_the_declaration(impl):
     optimizer = Declared([torch.zeros(3, requires_grad=True)], impl=impl)
     with pytest.raises(TypeError, match="calls Tensor.sum"):
         optimizer.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lr": 2.0})
-
-
-def test_copy_threads_are_one_pool_that_grows(monkeypatch):
-    """Two groups whose gradient copies split into 4 and 2 slices share one pool: no new pool per step."""
-    created = []
-
-    class CountingPool(flat_state.ThreadPoolExecutor):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            created.append(self)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(flat_state, "ThreadPoolExecutor", CountingPool)
-    monkeypatch.setattr(flat_state, "_pool", None)
-    threads = torch.get_num_threads()
-    groups = [[torch.randn(8, requires_grad=True) for _ in range(80)] for _ in range(2)]
-    try:
-        # Each group's layout splits its copies by the thread count when it is built: 4, then 2.
-        torch.set_num_threads(4)
-        optimizer = scratchopt.SGD(groups[0], lr=0.1, impl="flat")
-        for step in range(20):
-            if step == 1:
-                torch.set_num_threads(2)
-                optimizer.add_param_group({"params": groups[1]})
-            for p in optimizer.param_groups[-1]["params"] + groups[0]:
-                p.grad = torch.ones_like(p)
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert 1 <= len(created) <= 2, f"{len(created)} pools in 20 steps"
-    for pool in created[:-1]:
-        assert pool._shutdown, "a replaced pool was left running"
 
 
 def test_dispatcher_sends_what_a_strategy_cannot_take_to_the_loop():

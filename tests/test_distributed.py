@@ -6,8 +6,8 @@ All checks run in one launch of two rank processes (:mod:`ranks`; what each rank
 :mod:`distributed_checks`), because starting a rank costs seconds and the checks themselves well under
 one each. Each test then compares the full tensors the ranks left behind:
 
-* against ``torch.optim`` (for-loop) on the same wrapped model: bit-for-bit for ``loop``, ``foreach`` and
-  ``flat``; within ``FEW_ULP`` units in the last place for ``compiled`` and ``fused``, the tolerance
+* against ``torch.optim`` (for-loop) on the same wrapped model: bit-for-bit for ``loop`` and ``foreach``;
+  within ``FEW_ULP`` units in the last place for ``compiled`` and ``fused``, the tolerance
   ``tests/test_strategies.py`` states and explains;
 * a resumed run against the run that never stopped, with the same strategy on both sides: bit-for-bit.
 

@@ -1,8 +1,8 @@
 """``scratchopt.step_in_backward``: stepping each parameter inside backward equals stepping after it.
 
 Compared over several steps with one optimizer stepping every parameter after backward, for every
-strategy (bit-for-bit for loop, foreach and flat; within ``FEW_ULP`` for compiled and fused, whose
-kernels see each parameter alone instead of one buffer) and for a torch.optim class; then the hooks
+strategy (bit-for-bit for loop and foreach; within ``FEW_ULP`` for compiled and fused, whose kernels
+round ``sqrt`` correctly) and for a torch.optim class; then the hooks
 leave no trace once removed, and the state_dict round trip resumes exactly.
 """
 

@@ -3,17 +3,16 @@
 Which strategies are bit-exact with the loop on this CPU, and why:
 
 * ``foreach`` — bit-exact: torch's CPU foreach ops run the single-tensor kernels tensor by tensor.
-* ``flat`` — bit-exact: the same eager kernels on one long buffer (elementwise ops do not depend on where
-  an element sits; ATen's vectorised body and scalar tail compute the same formula).
 * ``compiled`` and ``fused`` — a few ulp: the generated kernel reproduces ATen's operation order and its
   FMAs, but ATen's float32 ``sqrt`` is Sleef's (within 0.5001 ulp, so not always correctly rounded) while
   Inductor's is the exact instruction, and one-ulp differences then travel through later steps. On the
   hard parameter set they stay within 4 ulp over 20 steps; ``FEW_ULP`` allows 8.
 
-Compiles dominate the run time (about 1.5 s per generated kernel on 2 cores, after a one-off ~18 s
-in a process with a cold Inductor cache), so the compiled strategies are checked on a subset of
-configurations: each algorithm's default in float32 and float64, its richest optim_db configuration
-(plus tensor lr and tensor betas for Adam) in float32. ``foreach`` and ``flat`` run all of them.
+Inductor's compiles dominate the run time (about 1.5 s per generated kernel on 2 cores, after a one-off
+~18 s in a process with a cold Inductor cache), so ``compiled`` is checked on a subset of configurations:
+each algorithm's default in float32 and float64, its richest optim_db configuration (plus tensor lr and
+tensor betas for Adam) in float32. ``foreach`` and ``fused`` (whose native kernels compile in a fraction
+of a second, once per machine) run every configuration in both dtypes.
 """
 
 from __future__ import annotations
@@ -101,7 +100,7 @@ def _exact_cases() -> list:
 
 
 @pytest.mark.parametrize("name,desc,kwargs,impl,dtype", _exact_cases())
-def test_foreach_and_flat_are_bit_exact_with_loop(name, desc, kwargs, impl, dtype):
+def test_the_exact_strategies_are_bit_exact_with_loop(name, desc, kwargs, impl, dtype):
     _side_by_side(name, kwargs, dtype, impl, exact=True)
 
 
@@ -115,13 +114,14 @@ def _compiled_configs(name: str) -> list[tuple[str, dict]]:
 
 
 def _compiled_cases() -> list:
-    """Defaults in both dtypes, the other chosen configurations in float32 (each is a new compile)."""
+    """``compiled``: defaults in both dtypes, the other chosen configurations in float32 (each is a new
+    Inductor compile); ``fused``: every optim_db configuration in both dtypes."""
     return [
         pytest.param(name, desc, kwargs, impl, dtype, id=f"{name}-{desc}-{impl}-{str(dtype)[6:]}")
         for name in ALGORITHMS
-        for index, (desc, kwargs) in enumerate(_compiled_configs(name))
         for impl in COMPILED
-        for dtype in (DTYPES if index == 0 else DTYPES[:1])
+        for index, (desc, kwargs) in enumerate(optim_db_configs(name) if impl == "fused" else _compiled_configs(name))
+        for dtype in (DTYPES if index == 0 or impl == "fused" else DTYPES[:1])
     ]
 
 
@@ -288,7 +288,7 @@ def test_fifty_scheduled_steps_without_a_recompile(impl):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The flat layout under what users do
+# The batched strategies under what users do
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -308,26 +308,13 @@ def _backward(model: nn.Module, step: int) -> None:
     nn.functional.mse_loss(model(x), y).backward()
 
 
-def _assert_flat_state(optimizer, group_index: int = 0) -> None:
-    """Under flat, every state tensor of one key is a view of one buffer; the other strategies keep
-    torch's own per-parameter state tensors."""
-    if optimizer.impl != "flat":
-        return
-    params = optimizer.param_groups[group_index]["params"]
-    for key in optimizer.state_keys + ("step",):
-        states = {
-            optimizer.state[p][key].untyped_storage().data_ptr() for p in params if key in optimizer.state.get(p, {})
-        }
-        assert len(states) <= 1, f"state {key!r} is not one buffer"
-
-
 def _storage_of(params) -> list[tuple[int, int]]:
     return [(p.untyped_storage().data_ptr(), p.storage_offset()) for p in params]
 
 
-@pytest.mark.parametrize("impl", ["flat", "fused"])
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_flat_training_loop_matches_loop(impl, set_to_none):
+def test_a_training_loop_matches_the_loop(impl, set_to_none):
     model, reference = _mlp(), _mlp()
     storage = _storage_of(model.parameters())
     ours = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
@@ -337,13 +324,12 @@ def test_flat_training_loop_matches_loop(impl, set_to_none):
             opt.zero_grad(set_to_none=set_to_none)
             _backward(net, step)
             opt.step()
-        _assert_flat_state(ours)
     assert _storage_of(model.parameters()) == storage, "a parameter was moved to other storage"
-    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "foreach")
 
 
-@pytest.mark.parametrize("impl", ["flat", "fused"])
-def test_flat_replaced_missing_and_frozen_grads(impl):
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_replaced_missing_and_frozen_grads(impl):
     model, reference = _mlp(), _mlp()
     ours = scratchopt.SGD(model.parameters(), lr=0.05, momentum=0.9, impl=impl)
     loop = scratchopt.SGD(reference.parameters(), lr=0.05, momentum=0.9)
@@ -360,12 +346,11 @@ def test_flat_replaced_missing_and_frozen_grads(impl):
             if step == 7:
                 net[4].bias.grad = None  # one missing gradient
             opt.step()
-    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
-    _assert_flat_state(ours)
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "foreach")
 
 
-@pytest.mark.parametrize("impl", ["flat", "fused"])
-def test_flat_add_param_group(impl):
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_add_param_group(impl):
     model, reference = _mlp(), _mlp()
     ours = scratchopt.Adam(list(model[0].parameters()), lr=0.01, impl=impl)
     loop = scratchopt.Adam(list(reference[0].parameters()), lr=0.01)
@@ -379,29 +364,25 @@ def test_flat_add_param_group(impl):
             opt.zero_grad()
             _backward(net, step)
             opt.step()
-    _assert_flat_state(ours, 0)
-    _assert_flat_state(ours, 1)
-    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "foreach")
 
 
-@pytest.mark.parametrize("impl", ["flat", "fused"])
-def test_flat_load_state_dict_both_ways(impl):
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_load_state_dict_both_ways(impl):
     model, reference = _mlp(), _mlp()
     ours = scratchopt.Adam(model.parameters(), lr=0.01, amsgrad=True, impl=impl)
     loop = scratchopt.Adam(reference.parameters(), lr=0.01, amsgrad=True)
     for step in range(8):
-        if step == 3:  # the loop's state goes into the flat optimizer
+        if step == 3:  # the loop's state goes into ours
             ours.load_state_dict(copy.deepcopy(loop.state_dict()))
-        if step == 5:  # and the flat optimizer's state into a new loop optimizer
+        if step == 5:  # and ours into a new loop optimizer
             loop = scratchopt.Adam(reference.parameters(), lr=0.01, amsgrad=True)
             loop.load_state_dict(copy.deepcopy(ours.state_dict()))
         for net, opt in ((model, ours), (reference, loop)):
             opt.zero_grad()
             _backward(net, step)
             opt.step()
-        if step >= 3:
-            _assert_flat_state(ours)
-    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "foreach")
     # torch.optim reads our state_dict too, and continues from it as we do.
     theirs_model = copy.deepcopy(model)
     theirs = torch.optim.Adam(theirs_model.parameters(), lr=0.01, amsgrad=True, foreach=False)
@@ -416,20 +397,20 @@ def test_flat_load_state_dict_both_ways(impl):
         list(model.parameters()),
         list(theirs_model.parameters()),
         f"{impl} then torch.optim",
-        impl == "flat",
+        impl == "foreach",
     )
 
 
-def test_flat_params_keep_their_strides_and_values():
+def test_batched_params_keep_their_strides_and_values():
     params = hard_params(torch.float32)
     copies = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
     grads = gradients(params, 0)
     strides = [p.stride() for p in params]
-    flat, loop = scratchopt.Adam(hard_groups(params), impl="flat"), scratchopt.Adam(hard_groups(copies))
+    ours, loop = scratchopt.Adam(hard_groups(params), impl="foreach"), scratchopt.Adam(hard_groups(copies))
     for p, q, grad in zip(params, copies, grads):
         p.grad = None if grad is None else grad.clone()
         q.grad = None if grad is None else grad.clone()
-    flat.step()
+    ours.step()
     loop.step()
     assert [p.stride() for p in params] == strides  # the transposed param is still transposed
     for a, b in zip(params, copies):
@@ -489,7 +470,7 @@ def _issue_sparse_grads(params: list[torch.Tensor], step: int) -> list[torch.Ten
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_sparse_gradients_of_every_shape_match_torch(impl):
-    """Sparse gradients run per tensor under every strategy (a flat buffer cannot hold them)."""
+    """Sparse gradients run per tensor under every strategy (no list or kernel takes them)."""
     ours_params, their_params = _issue_params(), _issue_params()
     ours = scratchopt.SGD(ours_params, lr=0.0048, impl=impl)
     theirs = torch.optim.SGD(their_params, lr=0.0048, foreach=False)
@@ -600,37 +581,7 @@ def test_a_parameter_listed_twice_is_updated_twice_as_by_the_loop(impl):
         _side_by_side("Adam", {}, torch.float64, impl, steps=10, make_groups=build, exact=impl in EXACT)
 
 
-@pytest.mark.parametrize("impl", ["flat"])
-def test_a_steady_step_prepares_once_per_buffer_not_per_parameter(impl, monkeypatch):
-    """The steady state does a constant number of Python-level operations per group: ``count_step`` (the
-    step counters) and ``update`` run once per buffer, however many parameters there are."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(40)])
-    optimizer = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
-    x = torch.randn(3, 4)
-    calls = {"prepare": 0, "update": 0}
-    prepare, update = scratchopt.Adam.count_step, scratchopt.Adam.update
-
-    def count_prepare(self, *args, **kwargs):
-        calls["prepare"] += 1
-        return prepare(self, *args, **kwargs)
-
-    def count_update(*args, **kwargs):
-        calls["update"] += 1
-        return update(*args, **kwargs)
-
-    for step in range(4):
-        if step == 2:
-            monkeypatch.setattr(scratchopt.Adam, "count_step", count_prepare)
-            monkeypatch.setattr(scratchopt.Adam, "update", staticmethod(count_update))
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-    assert calls == {"prepare": 2, "update": 2}
-    assert all(optimizer.state[p]["step"].item() == 4 for p in model.parameters())
-
-
-@pytest.mark.parametrize("impl", ["flat", "fused"])
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
 def test_many_small_tensors_train_like_the_loop(impl):
     """80 tensors: enough for the gradient and parameter copies to be split across threads."""
 
@@ -647,46 +598,7 @@ def test_many_small_tensors_train_like_the_loop(impl):
             opt.zero_grad()
             net(x).square().mean().backward()
             opt.step()
-    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
-
-
-@pytest.mark.parametrize("impl", ["flat"])
-def test_contiguous_parameters_are_updated_without_copies(impl, monkeypatch):
-    """The opt-in layout: the optimizer notices by itself that the params lie back to back and updates
-    their buffer directly (one multi-tensor copy a step: the gradients). Re-pointing the params later
-    (``p.data = …``) is noticed too: the step goes back to copying, with the same results."""
-    model, reference = _mlp(), _mlp()
-    buffers = scratchopt.contiguous_parameters(model)
-    assert len(buffers) == 1 and buffers[0].numel() == sum(p.numel() for p in model.parameters())
-    for p, q in zip(model.parameters(), reference.parameters()):
-        assert torch.equal(p, q) and p.stride() == q.stride()
-    ours = scratchopt.Adam(model.parameters(), lr=0.01, impl=impl)
-    loop = scratchopt.Adam(reference.parameters(), lr=0.01)
-    copies = []
-    original = torch._foreach_copy_
-
-    def count(*args, **kwargs):
-        copies.append(len(args[0]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_foreach_copy_", count)
-    for step in range(8):
-        if step == 5:
-            for p in model.parameters():
-                p.data = p.data.clone()
-        copies.clear()
-        for net, opt in ((model, ours), (reference, loop)):
-            opt.zero_grad()
-            _backward(net, step)
-            opt.step()
-        if 1 <= step < 5:
-            assert copies == [6], f"step {step}: expected one copy of the 6 gradients, saw {copies}"
-            assert all(
-                p.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr() for p in model.parameters()
-            )
-        if step >= 6:
-            assert copies == [6, 6, 6], f"step {step}: expected gradients, params in, params out: {copies}"
-    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "flat")
+    assert_same_state(ours, loop, list(model.parameters()), list(reference.parameters()), impl, impl == "foreach")
 
 
 @pytest.mark.parametrize("impl", EXACT + COMPILED)
@@ -726,12 +638,10 @@ def test_small_buffers_run_the_eager_update(monkeypatch):
         )
 
 
-@pytest.mark.parametrize("impl", ["flat", "fused"])
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
 def test_large_params_are_updated_where_they_lie(impl):
-    """A param of at least DIRECT_NUMEL elements is not gathered: it is updated in place by a call of its
-    own (a transposed one in its memory order, a gradient laid out otherwise copied first), beside the
-    small params' buffer."""
-    from scratchopt.strategies.flat_state import DIRECT_NUMEL
+    """Large params, a transposed one and a gradient laid out otherwise, beside small ones: each is
+    updated in place, in its own storage."""
 
     def build():
         gen = torch.Generator().manual_seed(5)
@@ -744,7 +654,7 @@ def test_large_params_are_updated_where_they_lie(impl):
         ]
 
     ours_params, loop_params = build(), build()
-    assert ours_params[0].numel() >= DIRECT_NUMEL and not ours_params[1].is_contiguous()
+    assert not ours_params[1].is_contiguous()
     storage = _storage_of(ours_params)
     ours = scratchopt.AdamW(ours_params, lr=0.01, impl=impl)
     loop = scratchopt.AdamW(loop_params, lr=0.01)
@@ -757,5 +667,4 @@ def test_large_params_are_updated_where_they_lie(impl):
         ours.step()
         loop.step()
     assert _storage_of(ours_params) == storage
-    _assert_flat_state(ours)
-    assert_same_state(ours, loop, ours_params, loop_params, f"large params {impl}", exact=impl == "flat")
+    assert_same_state(ours, loop, ours_params, loop_params, f"large params {impl}", exact=impl == "foreach")

@@ -67,7 +67,7 @@ def update(
         grad = grad.add(param, alpha=weight_decay)  # g ← g + λθ (never sparse: see check_inputs)
     clr = lr / (1 + (step - 1) * lr_decay)  # γ̃ ← γ/(1 + (t − 1)η)
     if grad.is_sparse:
-        # Per-tensor only (a sparse gradient is one tensor; the foreach/flat strategies never see one).
+        # Per-tensor only (a sparse gradient is one tensor; the batched strategies never see one).
         grad = grad.coalesce()  # unique indices: g² must square the summed entries
         grad_values = grad._values()
         # torch adds sparse tensors built with sparse_coo_tensor, flagged uncoalesced; dense += sparse

@@ -33,7 +33,7 @@ t          —                                ``step`` (0-d float32 tensor)
 ηₜ and μₜ are bookkeeping like ``step``, not state tensors of ``update``: :meth:`ASGD.count_step` reads them
 as Python numbers (float32 values, as torch's ``.item()`` does), then stores ηₜ₊₁ and μₜ₊₁ for the next
 step, rounded through a tensor of the default dtype as torch rounds them. The update itself is
-elementwise, so ``impl`` may run it on lists, flat buffers or compiled kernels. As in torch, ``step``,
+elementwise, so ``impl`` may run it on lists or compiled kernels. As in torch, ``step``,
 ``eta`` and ``mu`` live on the parameter's device, and ``load_state_dict`` casts ``eta`` and ``mu`` to the
 parameter's dtype (which changes their rounding from then on, in torch and here alike).
 

@@ -29,7 +29,7 @@ s, f       —                                — (temporaries)
 =========  ===============================  =====================================================
 
 The update is elementwise: the sign tests pick values with ``masked_fill`` inside the tensor math, not
-with Python branches, so ``impl`` may run it on lists, flat buffers or compiled kernels. A NaN gradient
+with Python branches, so ``impl`` may run it on lists or compiled kernels. A NaN gradient
 leaves its factor NaN, as in torch.
 
 Deliberate differences from the paper, all torch's: this is the variant the paper's authors later named

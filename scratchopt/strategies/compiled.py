@@ -21,7 +21,6 @@ from torch import Tensor
 
 from scratchopt.distributed.dtensor import local_shards
 from scratchopt.strategies.base import Hyperparameters, Strategy, count_step, state_tensors
-from scratchopt.strategies.flat_state import memory_order_1d
 from scratchopt.strategies.kernels import cache
 from scratchopt.strategies.kernels.recording import Program
 
@@ -30,6 +29,25 @@ if TYPE_CHECKING:
 
 #: The ulp bound the compiled strategies' tests hold against the loop (float32 and float64).
 KERNEL_ULP = 8
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """Its elements fill ``numel`` consecutive memory slots in some order (a permuted contiguous tensor)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def memory_order_1d(tensor: Tensor) -> Tensor | None:
+    """A 1-d view of a dense tensor's elements in the order they lie in memory, or None if not dense."""
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    if not is_dense(tensor):
+        return None
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
 
 
 def as_1d(tensors: list[Tensor | None]) -> list[Tensor | None] | None:

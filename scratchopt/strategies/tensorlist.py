@@ -1,5 +1,4 @@
-"""The list type an ``update`` runs on under ``impl="foreach"`` (and on the params of a flat layout
-on steps that cannot run whole).
+"""The list type an ``update`` runs on under ``impl="foreach"``.
 
 :class:`TensorList` is a list of tensors of one device and dtype that answers the Tensor methods an
 ``update`` calls (``mul_``, ``addcmul_``, ``lerp_``, ``sqrt``, ``/`` …) with one ``torch._foreach_*``

@@ -50,7 +50,7 @@ class Preset:
     speed_rounds: int
 
     # The benchmark (scratchopt.tools.bench).
-    #: Row labels run by default (``--algorithms`` chooses others).
+    #: Row labels run by default (``--algorithms`` chooses others); empty: every row the benchmark has.
     algorithms: tuple[str, ...]
     workloads: tuple[str, ...]
     #: Columns left out by default (``--columns`` chooses any).
@@ -92,7 +92,7 @@ PRESETS: dict[str, Preset] = {
         speed_seed_layers=2000,
         speed_min_run_time_s=0.08,
         speed_rounds=6,
-        algorithms=("SGD+momentum", "Adam", "AdamW"),
+        algorithms=(),
         workloads=("mlp", "gpt", "tiny", "large"),
         excluded_columns=(),
         modes=("set-to-none",),

@@ -1,9 +1,9 @@
 """``scratchopt bench``: the optimizer step timed inside a real training loop, scratchopt beside torch.optim.
 
 The optimizer step is timed inside the loop, not on gradients set once, because the loop decides what
-the step costs: with ``zero_grad()``'s default every backward allocates fresh gradient tensors, so a
-strategy that keeps gradients in a flat buffer has to gather them again on every step, and the backward
-pass leaves the caches cold. Both medians are reported: ``opt.step()`` alone and the whole train step
+the step costs: with ``zero_grad()``'s default every backward allocates fresh gradient tensors (a
+strategy that kept gradients in a buffer of its own would gather them again on every step), and the
+backward pass leaves the caches cold. Both medians are reported: ``opt.step()`` alone and the whole train step
 (zero_grad, forward, backward, step).
 
 Loops (:data:`~scratchopt.tools.bench.columns.MODES`): ``set-to-none`` (``zero_grad()``, the default),

@@ -23,10 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted([*PRESETS, *ALIASES]),
         default="full",
-        help="full (the default, also called default; a few minutes on 2 cores) or quick (well under a minute)",
+        help="full (the default, also called default: every algorithm, about ten minutes on 2 cores) or quick "
+        "(three algorithms, well under a minute)",
     )
     parser.add_argument(
-        "--algorithms", help=f"comma-separated rows (default: {','.join(full.algorithms)}; choices: {', '.join(rows)})"
+        "--algorithms",
+        help=f"comma-separated rows (default: {','.join(full.algorithms) or 'all'}; choices: {', '.join(rows)})",
     )
     parser.add_argument("--workloads", help=f"comma-separated models (choices: {', '.join(WORKLOAD_NAMES)})")
     parser.add_argument("--columns", help=f"comma-separated (choices: {', '.join(COLUMNS)})")

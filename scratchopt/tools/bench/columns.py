@@ -4,9 +4,7 @@ Rows come from the registry: every registered algorithm a plain ``opt.step()`` l
 can run is a row, labelled by its class name and built with its ``example_kwargs`` and ``lr=1e-3``; the
 benchmark adds ``SGD+momentum`` beside plain SGD. The others are named with the reason
 (:func:`algorithm_rows`). Columns: torch's for-loop, foreach and fused implementations, then one
-column per scratchopt strategy (``impl=``, from :data:`scratchopt.strategies.NAMES`), then the fused
-strategy after :func:`scratchopt.contiguous_parameters` (the opt-in layout that lets ``flat`` skip its copies;
-``fused`` needs none: it updates every tensor where it lies).
+column per scratchopt strategy (``impl=``, from :data:`scratchopt.strategies.NAMES`).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from torch import nn
 from scratchopt import strategies
 from scratchopt.algorithms import ALGORITHMS
 from scratchopt.optimizer import Algorithm
-from scratchopt.strategies.flat_state import contiguous_parameters
 from scratchopt.tools import catalog
 from scratchopt.tools.presets import Preset
 
@@ -58,14 +55,10 @@ def ours(strategy: str) -> str:
 
 
 OURS_FUSED = ours("fused")
-OURS_CONTIGUOUS = ours("flat+contiguous")
 #: The column of the per-tensor compiled kernels: its compile time grows with the tensor count, so it runs
 #: only on models of at most ``compile_max_tensors`` tensors.
 OURS_COMPILED = ours("compiled")
-OURS_COLUMNS = (
-    *(ours(name) for name in strategies.NAMES),
-    *((OURS_CONTIGUOUS,) if "flat" in strategies.STRATEGIES else ()),
-)
+OURS_COLUMNS = tuple(ours(name) for name in strategies.NAMES)
 COLUMNS = TORCH_COLUMNS + OURS_COLUMNS
 #: Columns whose parameters must equal torch's for-loop bit for bit after the same steps (on the CPU): the
 #: strategies bit-exact with the loop, and the loop.
@@ -118,7 +111,7 @@ def algorithm_rows() -> tuple[dict[str, AlgorithmRow], dict[str, str]]:
 
 
 def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer a column runs on ``model`` (which ``ours flat+contiguous`` first lays out contiguously).
+    """The optimizer a column runs on ``model``.
 
     Raises for a column that cannot run the row (torch has no twin, or no fused kernel for it).
     """
@@ -128,7 +121,4 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
             raise ValueError(f"torch.optim has no twin of {row.cls.__name__}")
         return twin(model.parameters(), **row.kwargs, **TORCH_FLAGS[column])
     impl = column.removeprefix("ours ")
-    if column == OURS_CONTIGUOUS:
-        contiguous_parameters(model)
-        impl = "flat"
     return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl=impl)

@@ -266,7 +266,7 @@ def run_bench(
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     available, left_out = algorithm_rows()
-    wanted = algorithms or list(preset.algorithms)
+    wanted = algorithms or list(preset.algorithms) or list(available)
     unknown = [name for name in wanted if name not in available]
     if unknown:
         reasons = "; ".join(f"{name}: {left_out[name]}" for name in unknown if name in left_out)

@@ -52,10 +52,10 @@ OPS_SIZES = (10_000, 100_000)  # one tensor of each size: the count per paramete
 NEWTON_SIZES = (8, 32)
 #: Steps before the counted one: RAdam switches to its rectified update only once ρ_t > 5 (step 6 on).
 WARMUP_STEPS = 10
-#: The strategies measured stepping during backward: the per-tensor loop, the flat buffers (whose scratch
-#: scales with the whole model) and the fused kernels on those buffers; a name the registry lacks is left out.
-BACKWARD_STEP_STRATEGIES = tuple(name for name in strategies.NAMES if name in ("loop", "flat", "fused"))
-#: Training steps per measurement: the first makes the optimizer state (and the flat layout), the second
+#: The strategies measured stepping during backward: the per-tensor loop and the fused kernels; a name the
+#: registry lacks is left out.
+BACKWARD_STEP_STRATEGIES = tuple(name for name in strategies.NAMES if name in ("loop", "fused"))
+#: Training steps per measurement: the first makes the optimizer state, the second
 #: runs as every later one does.
 BACKWARD_STEP_TRAIN_STEPS = 2
 
