@@ -264,3 +264,23 @@ def test_the_memory_goal_compares_the_two_fused_columns_against_the_state() -> N
     resident[1] = {"workload": rss.WIDE, "algorithm": "AdamW", "column": "ours fused", "error": "timed out"}
     (goal,) = targets.targets([], {}, [], resident)
     assert goal["verdict"].startswith("not measured: timed out") and not goal["met"]
+
+
+def test_every_elementwise_algorithm_is_held_to_torchs_fastest_on_the_gpt_model() -> None:
+    from scratchopt.tools.bench.run import Row
+
+    def row(algorithm: str, step_ms: dict[str, float]) -> Row:
+        built = Row("gpt", algorithm, columns.DEFAULT_MODE, 5_000_000, 77)
+        built.step_ms.update(step_ms)
+        return built
+
+    described = {"gpt": {"description": "GPT-like"}}
+    rows = [
+        row("RMSprop", {"torch foreach": 10.0, "ours fused": 4.0}),
+        row("SGD", {"torch foreach": 2.5, "torch fused": 3.0, "ours fused": 2.6}),
+        row("Adafactor", {"torch foreach": 20.0, "ours fused": 20.0}),  # not elementwise: no such goal
+    ]
+    goals = [g for g in targets.targets(rows, described, []) if g["compares"] == "ours fused vs torch's fastest"]
+    assert [(g["where"].split(",")[0], g["met"]) for g in goals] == [("RMSprop", True), ("SGD", False)]
+    assert "slower than torch foreach, torch's fastest here" in goals[1]["verdict"]
+    assert goals[0]["measured"] == pytest.approx(2.5)

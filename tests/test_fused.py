@@ -464,3 +464,21 @@ def test_16_bit_params_are_bit_exact_with_the_loop(name, dtype, native_runtime):
     loop, loop_params = _run(name, None, dtype=dtype)
     fused, fused_params = _run(name, "fused", dtype=dtype)
     assert_same_state(fused, loop, fused_params, loop_params, f"{name} fused {dtype}", exact=True)
+
+
+def test_a_kept_trace_does_not_keep_a_gradient_alive(native_runtime):
+    """The trace recorded at one step is kept for later ones; the gradient it was recorded on is not."""
+    import gc
+    import weakref
+
+    param = torch.randn(1000, requires_grad=True)
+    optimizer = scratchopt.AdamW([param], lr=1e-3, impl="fused")
+    grads = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        param.grad = torch.randn(1000)
+        grads.append(weakref.ref(param.grad))
+        optimizer.step()
+    optimizer.zero_grad()
+    gc.collect()
+    assert [g() is None for g in grads] == [True] * 4

@@ -178,6 +178,7 @@ class Fused(Strategy):
             return None
         if found is None:
             return Trace(program, lambda _: None), program.tape
+        program.keep_metadata_only()
         if key is not None:
             if len(self.traces) > _MAX_TRACES:
                 self.traces.clear()

@@ -136,6 +136,12 @@ class Program:
     def structure(self) -> tuple:
         return (self.input_keys, len(self.tape), tuple(self.ops))
 
+    def keep_metadata_only(self) -> None:
+        """Let go of the recorded tensors, keeping their dtypes, shapes and strides: a program kept
+        across steps must not keep a step's gradient (and its memory) alive."""
+        self.inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in self.inputs]
+        self.recorded = []
+
     # ---- metadata (computed only when asked) --------------------------------------------------------
     def dtype_of(self, value: Recorded) -> torch.dtype:
         return self.inputs[value.rid].dtype if value.rid < self.n_inputs else self.meta(value.rid).dtype
