@@ -482,3 +482,25 @@ def test_a_kept_trace_does_not_keep_a_gradient_alive(native_runtime):
     optimizer.zero_grad()
     gc.collect()
     assert [g() is None for g in grads] == [True] * 4
+
+
+def test_a_recording_is_freed_without_the_garbage_collector():
+    """No reference cycle: a gradient recorded once is freed when the step lets go of it, not at the
+    next collection (until then it would add a gradient's size to the peak memory)."""
+    import gc
+    import weakref
+
+    grad = torch.randn(100)
+    seen = weakref.ref(grad)
+    tensors = [torch.zeros(100), grad.view(-1), torch.zeros(100), torch.zeros(100), None]
+    arguments = dict(
+        lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+        decoupled_weight_decay=True, step=1.0,
+    )  # fmt: skip
+    gc.disable()
+    try:
+        recording.record(scratchopt.algorithms.adam.update, tensors, arguments)
+        del tensors, grad
+        assert seen() is None
+    finally:
+        gc.enable()

@@ -140,7 +140,6 @@ class Program:
         """Let go of the recorded tensors, keeping their dtypes, shapes and strides: a program kept
         across steps must not keep a step's gradient (and its memory) alive."""
         self.inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in self.inputs]
-        self.recorded = []
 
     # ---- metadata (computed only when asked) --------------------------------------------------------
     def dtype_of(self, value: Recorded) -> torch.dtype:
@@ -343,7 +342,13 @@ del _name, _target
 def record(update: Callable[..., None], tensors: Sequence[Tensor | None], kwargs: dict[str, Any]) -> Program:
     """Run ``update`` on stand-ins for ``tensors`` (``None`` stays ``None``) and return what it did."""
     program = Program(tensors)
-    update(*program.recorded, **kwargs)
+    try:
+        update(*program.recorded, **kwargs)
+    finally:
+        # The stand-ins point back at the program: dropping them leaves no reference cycle, so the
+        # program (and the tensors it recorded, a gradient among them) is freed as soon as it is unused,
+        # not at the next garbage collection.
+        program.recorded = []
     return program
 
 
