@@ -118,10 +118,23 @@ class SGD(ScratchOptimizer):
 
     def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         # torch keeps no state at all without momentum, and none before the buffer's first step.
+        return _BUFFER_IS_NEW if group["momentum"] != 0 and self._start_buffer(param) else _BUFFER_IS_OLD
+
+    def count_steps(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
+        # count_step for a whole group, as two shared dicts: a strategy then sees at once that the params
+        # agree.
         if group["momentum"] == 0:
-            return {"momentum_buffer_is_new": False}
+            return [_BUFFER_IS_OLD] * len(params)
+        return [_BUFFER_IS_NEW if self._start_buffer(p) else _BUFFER_IS_OLD for p in params]
+
+    def _start_buffer(self, param: Tensor) -> bool:
+        """Create the momentum buffer if the param has none; whether it did."""
         state = self.state[param]
-        is_new = state.get("momentum_buffer") is None
-        if is_new:
-            state["momentum_buffer"] = zeros_like(param)
-        return {"momentum_buffer_is_new": is_new}
+        if state.get("momentum_buffer") is not None:
+            return False
+        state["momentum_buffer"] = zeros_like(param)
+        return True
+
+
+_BUFFER_IS_NEW: dict[str, Any] = {"momentum_buffer_is_new": True}
+_BUFFER_IS_OLD: dict[str, Any] = {"momentum_buffer_is_new": False}
