@@ -1,15 +1,17 @@
 """``impl="fused"``: one generated native kernel per param group and step, over torch's own state.
 
-The update is recorded once per distinct set of per-parameter scalars (in the steady state, once per
-step), written out as C++ and compiled once per program (:mod:`~scratchopt.strategies.kernels.native`),
-then called once on a table of every param of the group: its data, its gradient and its state tensors
-where they are, in ``optimizer.state`` as torch keeps it, read afresh at every step. So the optimizer
-keeps nothing but its state, and any edit a user makes to ``optimizer.state`` or ``param_groups`` takes
-effect on the next step as in torch. ``fused=True`` maps here.
+The update is recorded on stand-ins, written out as C++ and compiled once per program
+(:mod:`~scratchopt.strategies.kernels.native`), then called once on a table of every param of the group:
+its data, its gradient and its state tensors where they are, in ``optimizer.state`` as torch keeps it,
+read afresh at every step. So the optimizer keeps nothing but its state, and any edit a user makes to
+``optimizer.state`` or ``param_groups`` takes effect on the next step as in torch. ``fused=True`` maps
+here.
 
-Each param's own scalars (its ``step``: a param that missed steps has another bias correction) are a
-row of the kernel's scalar table: params that disagree still share one call. The counters advance with
-one multi-tensor add (:meth:`~scratchopt.optimizer.ScratchOptimizer.count_steps`).
+In the steady step (:meth:`Fused.step_group`) the native runtime reads the group in one pass, makes the
+dispatcher's checks, builds the table and counts the default ``step``; the kernel's scalars come from
+the update's traced scalar arithmetic (:mod:`~scratchopt.strategies.kernels.tracing`), so nothing is
+recorded. Each param's own scalars (its ``step``: a param that missed steps has another bias
+correction) are a row of the kernel's scalar table: params that disagree still share one call.
 
 A param whose tensors are not one dense run each, laid out alike (a non-contiguous gradient of a
 contiguous param), or that is complex or in a dtype the generator does not write (float16, bfloat16),
