@@ -236,7 +236,10 @@ class ScratchOptimizer(Algorithm):
         first = group["params"][0]
         # A real probe for a complex param: the operations are the same, and complex scalars (a tensor
         # beta cast like a complex param) cannot be followed by the stand-ins.
-        probe = torch.zeros(2, dtype=first.dtype.to_real(), device=first.device)
+        # On a meta-device model (built before its memory exists) the probe lives on the CPU: its step
+        # counter is read as a number below.
+        device = torch.device("cpu") if first.device.type == "meta" else first.device
+        probe = torch.zeros(2, dtype=first.dtype.to_real(), device=device)
         probe.grad = torch.zeros_like(probe)
         arguments = self.count_step(probe, group)
         state = self.state.pop(probe, {})

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import scratchopt
 from scratchopt.algorithms.adam import Adam
@@ -165,3 +165,66 @@ def test_dispatcher_sends_what_a_strategy_cannot_take_to_the_loop():
             loop.step()
         assert torch.equal(dense, reference[0]) and torch.equal(twice, reference[1]), impl
     assert copy.deepcopy(ours).impl == impl
+
+
+@pytest.fixture
+def params_swapped_on_conversion():
+    """``model.to_empty()`` keeps each Parameter object (swapping its contents), so an optimizer built on
+    the meta-device model steps the real parameters, as FSDP2's meta-device init needs."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.usefixtures("params_swapped_on_conversion")
+@pytest.mark.parametrize("flags", [{}, {"capturable": True}, {"fused": True}], ids=["defaults", "capturable", "fused"])
+@pytest.mark.parametrize("name", [n for n, c in scratchopt.algorithms.ALGORITHMS.items() if c.elementwise])
+def test_an_optimizer_built_on_a_meta_device_model_steps_like_torchs(name, flags):
+    """``with torch.device("meta")``, then ``model.to_empty(...)``: how large models are built. The
+    optimizer constructs wherever torch's does, and then steps exactly as torch's."""
+    if name == "Adagrad":
+        pytest.skip("torch makes Adagrad's state at construction, on the meta device: neither steps after to_empty")
+    cls = scratchopt.algorithms.ALGORITHMS[name]
+    twin = getattr(torch.optim, name, None)
+    kwargs = {**cls.example_kwargs, **flags}
+    models = []
+    for _ in range(2):
+        with torch.device("meta"):
+            models.append(nn.Linear(4, 3))
+    if twin is None:
+        if flags:
+            pytest.skip(f"{name} has no torch twin to take {flags}")
+        theirs = None
+    else:
+        try:
+            theirs = twin(models[1].parameters(), **kwargs)
+        except (TypeError, ValueError, RuntimeError):  # torch refuses: so do we
+            with pytest.raises((TypeError, ValueError, RuntimeError)):
+                cls(models[0].parameters(), **kwargs)
+            return
+    ours = cls(models[0].parameters(), **kwargs)
+    for model in models:
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for index, p in enumerate(model.parameters()):
+                p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p) * (index + 1))
+    start = [p.detach().clone() for p in models[0].parameters()]
+    # torch's capturable path steps only on accelerators: there, the construction is what is compared.
+    compared = theirs if not flags.get("capturable") else None
+    for step in range(3):
+        for model, optimizer in zip(models, (ours, compared)):
+            if optimizer is not None:
+                optimizer.zero_grad()
+                model(torch.full((2, 4), 0.5 + step)).square().sum().backward()
+                optimizer.step()
+    assert all(not torch.equal(p, q) for p, q in zip(models[0].parameters(), start)), f"{name}: nothing moved"
+    if compared is not None:
+        assert_same_state(
+            ours,
+            compared,
+            list(models[0].parameters()),
+            list(models[1].parameters()),
+            name,
+            exact=not flags.get("fused"),
+        )
