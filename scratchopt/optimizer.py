@@ -165,6 +165,11 @@ class Algorithm(Optimizer):
     #: and those that make a short run meaningful (torch's defaults otherwise).
     example_kwargs: ClassVar[dict[str, Any]] = {}
 
+    def __repr__(self) -> str:
+        # torch's listing of the groups, with the strategy that runs them on its first line.
+        name, _, groups = super().__repr__().partition(" (\n")
+        return f"{name} (impl={getattr(self, 'impl', 'loop')!r}\n{groups}"
+
 
 class ScratchOptimizer(Algorithm):
     """A :class:`torch.optim.Optimizer` whose subclasses define only the math of one algorithm."""

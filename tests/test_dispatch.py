@@ -228,3 +228,16 @@ def test_an_optimizer_built_on_a_meta_device_model_steps_like_torchs(name, flags
             name,
             exact=not flags.get("fused"),
         )
+
+
+@pytest.mark.parametrize("name", list(scratchopt.algorithms.ALGORITHMS))
+def test_repr_says_which_strategy_runs(name):
+    """torch's listing of the groups, and on its first line the strategy that actually runs them."""
+    cls = scratchopt.algorithms.ALGORITHMS[name]
+    params = [torch.zeros(3, 2, requires_grad=True)]
+    ours = cls(params, **cls.example_kwargs) if cls.needs_closure else cls(params, **cls.example_kwargs, impl="fused")
+    expected = "fused" if cls.elementwise else "loop"
+    first, *rest = repr(ours).splitlines()
+    assert first == f"{name} (impl={expected!r}" and ours.impl == expected
+    assert rest[0] == "Parameter Group 0" and rest[-1] == ")"
+    assert all(f"    {key}: " in repr(ours) for key in ours.param_groups[0] if key != "params")
