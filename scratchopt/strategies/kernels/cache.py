@@ -20,8 +20,9 @@ from torch import Tensor
 from scratchopt.strategies.kernels.codegen import kernel_source
 from scratchopt.strategies.kernels.recording import NotCompilable, Program, first_non_elementwise, record
 
-#: Tensors shorter than this run the eager update: recording it and calling a kernel costs about 100 µs,
-#: more than the eager operations on a few thousand elements (measured on 2 cores, Adam).
+#: Tensors shorter than this run the eager update: recording it and calling a ``torch.compile``'d kernel
+#: costs more than the eager operations on a few thousand elements (``scratchopt bench``'s compiled column
+#: on the tiny model shows the per-call cost).
 MIN_KERNEL_NUMEL = 16384
 _KERNELS: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _LOCK = threading.Lock()

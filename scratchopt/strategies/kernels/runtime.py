@@ -1,12 +1,13 @@
 """The native runtime: builds a group's pointer table in C++ and calls a native kernel on it.
 
-Reading each param's gradient, its state tensors from ``optimizer.state`` and their data pointers costs
-a few µs per param in Python: most of a step for a model of thousands of small tensors. This small
-extension does it in C++ through torch's own tensor objects (about 20 ns a tensor), reading the state
-afresh at every step exactly as the Python path does, and counts the default ``step`` in place.
+Reading each param's gradient, its state tensors from ``optimizer.state`` and their data pointers in
+Python costs microseconds per param: most of a step for a model of thousands of small tensors. This
+small extension does it in C++ through torch's own tensor objects, in one pass over a group's list: it
+makes the dispatcher's checks on the way (:class:`Tables`), reads the state afresh at every step
+exactly as the Python path does, and counts the default ``step`` in place once every check passed.
 
 It is compiled once per machine and torch version with ``torch.utils.cpp_extension.load_inline`` (tens of
-seconds), in a background thread the first time ``fused`` runs; until it is ready, the Python path
+seconds), in a child process started the first time ``fused`` runs; until it is ready, the Python path
 builds the same table. Both call the same kernel with the same table, so results never depend on which
 one ran. ``SCRATCHOPT_RUNTIME=0`` disables it; ``SCRATCHOPT_RUNTIME=wait`` builds it before the first step.
 """

@@ -2,7 +2,7 @@
 
 A kernel's tape (:mod:`~scratchopt.strategies.kernels.recording`) depends on the step and the
 hyperparameters, so it changes at every step; recording the whole ``update`` again to recompute it costs
-tens of µs, more than the kernel of a small model. So the first recording runs with :class:`Symbol`
+more than the kernel of a small model. So the first recording runs with :class:`Symbol`
 stand-ins for the float arguments. A symbol computes its value for real, exactly as the float would, and
 writes down each operation; where the update branches on one (``if weight_decay != 0``, ``max(a, b)``,
 ATen's choice of ``lerp`` formula), the outcome becomes a *guard*. The result is :class:`Trace`: the
