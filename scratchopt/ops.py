@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from scratchopt.strategies.kernels import runtime
 from scratchopt.strategies.tensorlist import TensorList
 
 
@@ -43,3 +44,54 @@ def get_value(value: Any) -> Any:
     the arithmetic is then done in Python float64, not in the tensor's dtype.
     """
     return value.item() if isinstance(value, Tensor) else value
+
+
+# Bookkeeping scalars: an algorithm's 0-d per-parameter state (``step``, NAdam's μ product, ASGD's η and
+# μ), read and changed for a whole group at once by its ``count_steps``. The native runtime, once built,
+# does each in one pass in C++ (a multi-tensor op on thousands of 0-d tensors costs microseconds per
+# tensor); torch's multi-tensor ops do it otherwise, with the same rounding: each value in the tensor's
+# dtype, as ``t += x`` with a Python number rounds it. Each returns the values after it as Python numbers,
+# or None with nothing changed unless every tensor is a 0-d float tensor on one device.
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_READ, _ADD, _MULTIPLY, _STORE = 0, 1, 2, 3
+
+
+def read_scalars(tensors: list[Any]) -> list[float] | None:
+    """The values of the 0-d tensors."""
+    return _scalars(tensors, _READ, [])
+
+
+def count_counters(counters: list[Any]) -> list[float] | None:
+    """Each counter advanced by one (``step += 1``)."""
+    return _scalars(counters, _ADD, [1.0])
+
+
+def scale_scalars(tensors: list[Any], factors: list[float]) -> list[float] | None:
+    """Each tensor multiplied in place by its factor (``t *= factor``)."""
+    return _scalars(tensors, _MULTIPLY, factors)
+
+
+def store_scalars(tensors: list[Any], values: list[float]) -> list[float] | None:
+    """Each tensor set to its value (``t.fill_(value)``)."""
+    return _scalars(tensors, _STORE, values)
+
+
+def _scalars(tensors: list[Any], op: int, values: list[float]) -> list[float] | None:
+    module = runtime.ready()
+    if module is not None:
+        found = module.scalars(tensors, op, values, _PLAIN)
+        if found is not None:
+            return found
+    if not tensors or not all(isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point() for t in tensors):
+        return None
+    if len({t.device for t in tensors}) != 1:
+        return None
+    if op == _ADD:
+        torch._foreach_add_(tensors, values[0])
+    elif op == _MULTIPLY:
+        torch._foreach_mul_(tensors, values)
+    elif op == _STORE:
+        for tensor, value in zip(tensors, values):
+            tensor.fill_(value)
+    return torch.stack(tensors).tolist()

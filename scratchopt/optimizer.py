@@ -56,7 +56,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ from torch.optim import Optimizer
 
 from scratchopt import strategies
 from scratchopt.checks import require_closure
+from scratchopt.ops import count_counters
 from scratchopt.strategies.kernels import runtime
 from scratchopt.strategies.kernels.recording import non_elementwise_operation
 
@@ -83,6 +84,19 @@ def new_step_counter(param: Tensor, group: dict[str, Any]) -> Tensor:
     if group.get("capturable") or group.get("fused"):
         return torch.zeros((), dtype=scalar_dtype(group.get("fused")), device=param.device)
     return torch.tensor(0.0, dtype=scalar_dtype())
+
+
+def shared_arguments(arguments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Equal per-parameter argument dicts as one shared dict: a strategy then sees with an identity check
+    that the params agree (the steady state: one tape, one kernel call)."""
+    first = arguments[0] if arguments else None
+    if all(a == first for a in arguments):
+        return [first] * len(arguments)  # type: ignore[list-item]
+    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+    return [seen.setdefault(tuple(a.items()), a) for a in arguments]
+
+
+_NO_ARGUMENTS: dict[str, Any] = {}
 
 
 def squeeze_scalar(value: Any) -> Any:
@@ -185,6 +199,8 @@ class ScratchOptimizer(Algorithm):
     group_defaults: ClassVar[dict[str, Any]] = {}
     #: 0-d state tensors an older version saved as Python numbers.
     scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
+    #: Whether ``update`` takes the counted ``step`` (Rprop counts it, as torch does, but never reads it).
+    step_is_argument: ClassVar[bool] = True
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
     update: ClassVar[Callable[..., None]]
@@ -308,7 +324,17 @@ class ScratchOptimizer(Algorithm):
         if "step" not in state:
             return {}
         state["step"] += 1
-        return {"step": state["step"]}
+        return {"step": state["step"]} if self.step_is_argument else {}
+
+    def states_of(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each param's state, initialised where it is empty (the first part of :meth:`count_step`)."""
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(self.init_state(p, group))
+            states.append(state)
+        return states
 
     def count_steps(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
         """:meth:`count_step` for each param, its scalars as Python numbers, for a strategy that updates
@@ -316,18 +342,12 @@ class ScratchOptimizer(Algorithm):
         advances every counter with one multi-tensor add and reads them back at once; otherwise (an
         algorithm that overrides :meth:`count_step`, state without ``step``) it runs per param."""
         if self.default_count:
-            states = []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(self.init_state(p, group))
-                states.append(state)
-            steps = [state.get("step") for state in states]
-            if steps and all(isinstance(step, Tensor) and step.dim() == 0 for step in steps):
-                counters = cast(list[Tensor], steps)
-                if len({step.device for step in counters}) == 1:
-                    torch._foreach_add_(counters, 1)
-                    return [{"step": value} for value in torch.stack(counters).tolist()]
+            states = self.states_of(params, group)
+            counted = count_counters([state.get("step") for state in states])
+            if counted is not None:
+                if not self.step_is_argument:
+                    return [_NO_ARGUMENTS] * len(params)
+                return shared_arguments([{"step": value} for value in counted])
         return [
             {k: v.item() if isinstance(v, Tensor) else v for k, v in self.count_step(p, group).items()} for p in params
         ]

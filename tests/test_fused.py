@@ -504,3 +504,38 @@ def test_a_recording_is_freed_without_the_garbage_collector():
         assert seen() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("tables", ["python", "runtime"])
+@pytest.mark.parametrize("name", ["NAdam", "ASGD", "Rprop", "Adam", "SGD"])
+def test_a_groups_bookkeeping_at_once_is_count_step_for_each_param(name, tables, request):
+    """``count_steps`` (a whole group, by multi-tensor or native ops on the 0-d state) leaves the state and
+    returns the arguments that ``count_step`` gives param by param, bit for bit, with a param that misses
+    steps and state scalars of both float dtypes."""
+    request.getfixturevalue("python_tables" if tables == "python" else "native_runtime")
+    cls = scratchopt.algorithms.ALGORITHMS[name]
+    kwargs = {**cls.example_kwargs, "impl": "loop"}
+    params = [torch.randn(3) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn(3)  # Rprop sizes its state by the gradient
+    group_wise, param_wise = cls(params, **kwargs), cls(params, **kwargs)
+    for step in range(7):
+        active = params if step % 3 else params[:2]  # params 2 and 3 miss every third step
+        at_once = group_wise.count_steps(active, group_wise.param_groups[0])
+        each = [
+            {
+                k: v.item() if isinstance(v, Tensor) else v
+                for k, v in param_wise.count_step(p, param_wise.param_groups[0]).items()
+            }
+            for p in active
+        ]
+        assert at_once == each, (step, at_once, each)
+        for p in params:
+            for key, value in param_wise.state[p].items():
+                other = group_wise.state[p][key]
+                assert other.dtype == value.dtype and torch.equal(other, value), (step, key)
+        if step == 3:  # the 0-d state of one param in float64 from here on, in both
+            for optimizer in (group_wise, param_wise):
+                state = optimizer.state[params[1]]
+                for key in [k for k, v in state.items() if isinstance(v, Tensor) and v.dim() == 0]:
+                    state[key] = state[key].double()

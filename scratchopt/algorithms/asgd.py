@@ -52,8 +52,13 @@ import torch
 from torch import Tensor
 
 from scratchopt.checks import check_lr, check_nonnegative
-from scratchopt.ops import as_real, get_value, zeros_like
-from scratchopt.optimizer import ScratchOptimizer, scalar_dtype, squeeze_scalar
+from scratchopt.ops import as_real, count_counters, get_value, read_scalars, store_scalars, zeros_like
+from scratchopt.optimizer import (
+    ScratchOptimizer,
+    scalar_dtype,
+    shared_arguments,
+    squeeze_scalar,
+)
 
 
 def update(
@@ -145,3 +150,24 @@ class ASGD(ScratchOptimizer):
         eta.copy_(_as_stored(lr / ((1 + lambd * lr * step) ** group["alpha"])))  # ηₜ₊₁
         mu.copy_(_as_stored(1 / max(1, step - group["t0"])))  # μₜ₊₁
         return values
+
+    def count_steps(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
+        # count_step for a whole group: t, η and μ read and written by multi-tensor ops, ηₜ₊₁ and μₜ₊₁
+        # computed once per distinct t.
+        lr, lambd, alpha, t0 = squeeze_scalar(group["lr"]), group["lambd"], group["alpha"], group["t0"]
+        states = self.states_of(params, group)
+        etas, mus = [state["eta"] for state in states], [state["mu"] for state in states]
+        eta_values, mu_values = read_scalars(etas), read_scalars(mus)
+        if isinstance(lr, Tensor) or eta_values is None or mu_values is None:
+            return super().count_steps(params, group)
+        steps = count_counters([state["step"] for state in states])
+        if steps is None:
+            return super().count_steps(params, group)
+        # Each value rounded as torch stores a fresh scalar, then stored in the state's own dtype.
+        following = {
+            t: (_as_stored(lr / ((1 + lambd * lr * t) ** alpha)).item(), _as_stored(1 / max(1, t - t0)).item())
+            for t in set(steps)
+        }
+        store_scalars(etas, [following[t][0] for t in steps])  # ηₜ₊₁
+        store_scalars(mus, [following[t][1] for t in steps])  # μₜ₊₁
+        return shared_arguments([{"eta": eta, "mu": mu} for eta, mu in zip(eta_values, mu_values)])

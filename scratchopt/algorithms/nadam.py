@@ -51,8 +51,13 @@ import torch
 from torch import Tensor
 
 from scratchopt.checks import check_betas, check_eps, check_lr, check_nonnegative
-from scratchopt.ops import as_real, get_value, zeros_like
-from scratchopt.optimizer import ScratchOptimizer, new_step_counter, scalar_dtype
+from scratchopt.ops import as_real, count_counters, get_value, read_scalars, scale_scalars, zeros_like
+from scratchopt.optimizer import (
+    ScratchOptimizer,
+    new_step_counter,
+    scalar_dtype,
+    shared_arguments,
+)
 
 
 def momentum_cache(beta1: Any, step: Any, momentum_decay: float) -> Any:
@@ -163,3 +168,19 @@ class NAdam(ScratchOptimizer):
         mu = momentum_cache(group["betas"][0], get_value(prepared["step"]), group["momentum_decay"])  # μₜ
         mu_product.mul_(mu)  # Πₜ ← Πₜ₋₁·μₜ
         return {**prepared, "mu_product": mu_product}
+
+    def count_steps(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
+        # count_step for a whole group: every t and Π advanced by two multi-tensor ops and read back at
+        # once, each μₜ computed once per distinct t.
+        beta1 = group["betas"][0]
+        states = self.states_of(params, group)
+        products = [state["mu_product"] for state in states]
+        if isinstance(beta1, Tensor) or read_scalars(products) is None:
+            return super().count_steps(params, group)
+        steps = count_counters([state["step"] for state in states])
+        if steps is None:
+            return super().count_steps(params, group)
+        mu = {t: momentum_cache(beta1, t, group["momentum_decay"]) for t in set(steps)}  # μₜ
+        products_now = scale_scalars(products, [mu[t] for t in steps])  # Πₜ ← Πₜ₋₁·μₜ
+        assert products_now is not None  # they were read as scalars above
+        return shared_arguments([{"step": t, "mu_product": product} for t, product in zip(steps, products_now)])

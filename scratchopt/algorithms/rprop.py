@@ -84,6 +84,7 @@ class Rprop(ScratchOptimizer):
     update = staticmethod(update)
     elementwise = True
     torch_twin = "Rprop"
+    step_is_argument = False  # t ← t + 1 is counted, as torch does, and never read
 
     def __init__(
         self,
@@ -118,7 +119,3 @@ class Rprop(ScratchOptimizer):
             "prev": zeros_like(param),
             "step_size": torch.full_like(param.grad, initial, memory_format=torch.preserve_format),
         }
-
-    def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        super().count_step(param, group)  # t ← t + 1: torch counts it, the update does not use it
-        return {}

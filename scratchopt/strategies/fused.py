@@ -90,7 +90,7 @@ class Fused(Strategy):
             if tables.status != -1:
                 self.update_counted(optimizer, group, params, hyperparameters, values)
                 return True
-        elif tables.counted:
+        elif tables.counted and optimizer.step_is_argument:
             steps = tables.steps
             values = [{"step": steps[0]}] * len(params) if tables.uniform else [{"step": step} for step in steps]
         else:
@@ -111,7 +111,10 @@ class Fused(Strategy):
             if tables.status == -1:
                 if default_count:
                     steps = tables.steps
-                    values = [{"step": step} for step in steps] if tables.counted else [{}] * len(params)
+                    if tables.counted and optimizer.step_is_argument:
+                        values = [{"step": step} for step in steps]
+                    else:
+                        values = [{}] * len(params)
                 assert values is not None
                 if self.launch(optimizer, tables, params, hyperparameters, values):
                     return

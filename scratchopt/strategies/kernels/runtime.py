@@ -226,6 +226,47 @@ int64_t first_mismatch(py::list params, py::dict state, py::tuple keys) {
   return -1;
 }
 
+// Bookkeeping on 0-d CPU float tensors (an algorithm's per-parameter scalars: step, NAdam's product of
+// μ): op 0 reads them, 1 adds, 2 multiplies by, 3 stores `values` (one value for all, or one per tensor),
+// each in the tensor's dtype as the in-place op with a Python number does. Returns the values after it,
+// or None with nothing changed when some tensor is not such a scalar.
+py::object scalars(py::list tensors, int op, const std::vector<double>& values, py::tuple plain) {
+  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
+  PyObject* const tensor_type = PyTuple_GET_ITEM(plain.ptr(), 0);
+  PyObject* const parameter_type = PyTuple_GET_ITEM(plain.ptr(), 1);
+  const size_t width = values.size();
+  if ((op != 0 && width != 1 && width != (size_t)n) || op < 0 || op > 3) return py::none();
+  std::vector<at::Tensor*> found(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* o = PyList_GET_ITEM(tensors.ptr(), i);
+    if ((PyObject*)Py_TYPE(o) != tensor_type && (PyObject*)Py_TYPE(o) != parameter_type) return py::none();
+    at::Tensor& t = const_cast<at::Tensor&>(THPVariable_Unpack(o));
+    if (t.dim() != 0 || !t.device().is_cpu() || t.requires_grad() ||
+        (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)) {
+      return py::none();
+    }
+    found[i] = &t;
+  }
+  py::list out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    at::Tensor* t = found[i];
+    const double x = op == 0 ? 0.0 : values[width == 1 ? 0 : i];
+    double result;
+    if (t->scalar_type() == at::kFloat) {
+      float* v = t->data_ptr<float>();
+      if (op == 1) *v += (float)x; else if (op == 2) *v *= (float)x; else if (op == 3) *v = (float)x;
+      result = *v;
+    } else {
+      double* v = t->data_ptr<double>();
+      if (op == 1) *v += x; else if (op == 2) *v *= x; else if (op == 3) *v = x;
+      result = *v;
+    }
+    if (op != 0 && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+    PyList_SET_ITEM(out.ptr(), i, PyFloat_FromDouble(result));
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Tables>(m, "Tables")
       .def(py::init<py::list, py::dict, py::tuple, bool, py::tuple>())
@@ -239,6 +280,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("size", &Tables::size)
       .def("launch", &Tables::launch);
   m.def("first_mismatch", &first_mismatch);
+  m.def("scalars", &scalars);
 }
 """
 
