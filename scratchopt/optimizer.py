@@ -65,7 +65,7 @@ from torch.optim import Optimizer
 from scratchopt import strategies
 from scratchopt.checks import require_closure
 from scratchopt.ops import count_counters
-from scratchopt.strategies.kernels import runtime
+from scratchopt.step_checks import check_gradients_match, check_state_keys, check_state_matches
 from scratchopt.strategies.kernels.recording import non_elementwise_operation
 
 #: torch's implementation flags and the value its ``__setstate__`` fills in for each.
@@ -136,28 +136,18 @@ def torch_key_order(twin: str) -> tuple[str, ...]:
     return tuple(getattr(torch.optim, twin)([probe]).defaults)
 
 
-def check_state_matches(optimizer: Optimizer, params: list[Tensor], keys: tuple[str, ...]) -> None:
-    """Raise a RuntimeError naming the parameter and key when a state tensor no longer has its
-    parameter's dtype or device (after ``model.to()``), before a step changes anything."""
-    start = 0
-    module = runtime.ready()
-    if module is not None:  # the same check in C++; the loop below then only words the error
-        start = module.first_mismatch(params, optimizer.state, keys)
-        if start == -1:
-            return
-    for index, param in enumerate(params[start:], start):
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        for key in keys:
-            value = state.get(key)
-            if isinstance(value, Tensor) and (value.dtype != param.dtype or value.device != param.device):
-                raise RuntimeError(
-                    f"{type(optimizer).__name__}: state[{key!r}] of parameter {index} with a gradient is "
-                    f"{value.dtype} on {value.device}, but the parameter is {param.dtype} on "
-                    f"{param.device}; was the model moved with .to() after the first step? "
-                    "optimizer.load_state_dict(optimizer.state_dict()) casts the state like the parameters"
-                )
+def runs_eagerly(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` as ``torch.compile`` runs it: eagerly, with the same numbers as outside a compiled region.
+
+    A strategy reads ``optimizer.state`` afresh, keeps tables and calls native kernels: nothing Dynamo
+    can trace. ``torch.compile(opt.step)`` and a compiled training step that calls ``opt.step()`` then run
+    the step as a call out of the graph (one graph break), instead of tracing its bookkeeping into a
+    graph that does part of it (a step counted but not applied). Every algorithm's class has its ``step``
+    wrapped when its first optimizer is built, after torch's hooks (a user's own algorithm included).
+    """
+    eager = torch.compiler.disable(step, reason="a scratchopt step runs eagerly")
+    eager.runs_eagerly = True
+    return eager
 
 
 class Algorithm(Optimizer):
@@ -178,6 +168,13 @@ class Algorithm(Optimizer):
     #: Arguments for the demo, benchmark and report rows, beside the params: those without a default
     #: and those that make a short run meaningful (torch's defaults otherwise).
     example_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        # After torch wrapped the class's step with its hooks: the whole of it runs eagerly.
+        cls = type(self)
+        if not getattr(cls.step, "runs_eagerly", False):
+            cls.step = runs_eagerly(cls.step)  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         # torch's listing of the groups, with the strategy that runs them on its first line.
@@ -361,10 +358,13 @@ class ScratchOptimizer(Algorithm):
         """Check the params a step will update, before it changes anything; every strategy's step calls
         it (through the dispatcher) with the group's params that have a gradient.
 
-        Besides the gradients, each state tensor must still have its parameter's dtype and device. After
-        ``model.to(dtype or device)`` it does not: torch's for-loop then fails halfway through a step (or,
-        for some algorithms and dtypes, silently mixes precisions); every scratchopt strategy raises here
-        instead, and ``optimizer.load_state_dict(optimizer.state_dict())`` casts the state like the params.
+        Besides sparse gradients an algorithm refuses, each gradient must have its parameter's dtype,
+        device and shape, each state tensor its parameter's dtype and device (and shape, where the update
+        is elementwise), and the state every key the update needs (:mod:`scratchopt.step_checks`). After
+        ``model.to(dtype or device)``, for one, the state does not match: torch's for-loop then fails
+        halfway through a step (or, for some algorithms and dtypes, silently mixes precisions); every
+        scratchopt strategy raises here instead, and ``optimizer.load_state_dict(optimizer.state_dict())``
+        casts the state like the params.
         """
         if type(self).check_grad is ScratchOptimizer.check_grad:  # the default: one pass over the gradients
             if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
@@ -372,7 +372,9 @@ class ScratchOptimizer(Algorithm):
         else:
             for param in params:
                 self.check_grad(param)
-        check_state_matches(self, params, self.state_keys)
+        check_gradients_match(self, params)
+        check_state_matches(self, params, self.state_keys, same_shape=self.elementwise)
+        check_state_keys(self, group, params)
 
     def check_sparse_gradients(self, group: dict[str, Any]) -> None:
         """Raise torch's error for a group in which some gradient is sparse (``sparse_error``, unless the

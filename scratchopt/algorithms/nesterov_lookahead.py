@@ -55,7 +55,8 @@ from torch import Tensor
 
 from scratchopt.checks import check_lr, require
 from scratchopt.ops import get_value, zeros_like
-from scratchopt.optimizer import ClosureOptimizer, check_state_matches
+from scratchopt.optimizer import ClosureOptimizer
+from scratchopt.step_checks import check_state_matches
 
 SPARSE_ERROR = "NesterovLookahead does not support sparse gradients"
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from scratchopt.distributed.dtensor import local_shards
+from scratchopt.step_checks import required_state_keys
 from scratchopt.strategies.base import Hyperparameters, Strategy, state_tensors
 from scratchopt.strategies.compiled import KERNEL_ULP, as_1d
 from scratchopt.strategies.kernels import cache, native, runtime, tracing
@@ -59,6 +60,21 @@ def _kernel_tensors(param: Tensor, grad: Tensor, states: list[Tensor | None]) ->
     return views
 
 
+def _requirements(optimizer: ScratchOptimizer, group: dict[str, Any], count: bool) -> tuple[int, tuple[str, ...]]:
+    """What the native pass requires of every param's state (so that it declines where the general path
+    raises KeyError): a mask over the state keys (and the step, where it is counted) and the other keys."""
+    params = group["params"]
+    # An elementwise update's state keys do not depend on the param's dimensions: its first param tells.
+    required = required_state_keys(optimizer, group, params[0]) if params else None
+    if required is None:
+        return 0, ()
+    keys = optimizer.state_keys
+    mask = sum(1 << index for index, key in enumerate(keys) if key in required)
+    if count and "step" in required:
+        mask |= 1 << len(keys)
+    return mask, tuple(sorted(required.difference(keys, ("step",) if count else ())))
+
+
 class Fused(Strategy):
     name = "fused"
     ulp = KERNEL_ULP
@@ -77,7 +93,9 @@ class Fused(Strategy):
         if module is None:
             return False
         default_count = optimizer.default_count
-        tables = module.Tables(group["params"], optimizer.state, optimizer.state_keys, default_count, _PLAIN)
+        required, extra = _requirements(optimizer, group, default_count)
+        keys = optimizer.state_keys
+        tables = module.Tables(group["params"], optimizer.state, keys, default_count, _PLAIN, required, extra)
         if tables.status != -1:
             return False  # nothing changed: the general path decides (and raises for bad input)
         params = tables.params
@@ -86,7 +104,7 @@ class Fused(Strategy):
             # The algorithm's own bookkeeping may create state (SGD's momentum buffer): the table is read
             # again after it.
             values = optimizer.count_steps(params, group)
-            tables = module.Tables(params, optimizer.state, optimizer.state_keys, False, _PLAIN)
+            tables = module.Tables(params, optimizer.state, keys, False, _PLAIN, required, extra)
             if tables.status != -1:
                 self.update_counted(optimizer, group, params, hyperparameters, values)
                 return True
@@ -107,7 +125,8 @@ class Fused(Strategy):
         if module is not None and optimizer.state.get(params[0]):
             default_count = optimizer.default_count
             values = None if default_count else optimizer.count_steps(params, group)
-            tables = module.Tables(params, optimizer.state, optimizer.state_keys, default_count, _PLAIN)
+            # The dispatcher checked the state: no requirements here.
+            tables = module.Tables(params, optimizer.state, optimizer.state_keys, default_count, _PLAIN, 0, ())
             if tables.status == -1:
                 if default_count:
                     steps = tables.steps

@@ -74,7 +74,10 @@ struct Tables {
   // group: the group's params; state: optimizer.state; keys: the state keys in update order;
   // count: advance each state["step"] (a 0-d float tensor) by one once every param passed the checks,
   // where every param has one; plain: the classes whose data may be read directly.
-  Tables(py::list group, py::dict state, py::tuple keys, bool count, py::tuple plain) {
+  // required: bit i, the state tensor of keys[i] must be present (bit len(keys): the step, when counted);
+  // extra: other keys the state must have (an algorithm's own 0-d bookkeeping).
+  Tables(py::list group, py::dict state, py::tuple keys, bool count, py::tuple plain, uint64_t required,
+         py::tuple extra) {
     const Py_ssize_t n = PyList_GET_SIZE(group.ptr());
     const Py_ssize_t k = PyTuple_GET_SIZE(keys.ptr());
     PyObject* const tensor_type = PyTuple_GET_ITEM(plain.ptr(), 0);
@@ -88,6 +91,12 @@ struct Tables {
       key_objects[key] = PyTuple_GET_ITEM(keys.ptr(), key);
       key_hashes[key] = PyObject_Hash(key_objects[key]);  // cached for a str
       if (!PyUnicode_CheckExact(key_objects[key]) || key_hashes[key] == -1) { PyErr_Clear(); status = 0; return; }
+    }
+    const Py_ssize_t e = PyTuple_GET_SIZE(extra.ptr());
+    std::vector<Py_hash_t> extra_hashes(e);
+    for (Py_ssize_t key = 0; key < e; ++key) {
+      extra_hashes[key] = PyObject_Hash(PyTuple_GET_ITEM(extra.ptr(), key));
+      if (extra_hashes[key] == -1) { PyErr_Clear(); status = 0; return; }
     }
     py::str step_key("step");
     const Py_hash_t step_hash = PyObject_Hash(step_key.ptr());
@@ -130,6 +139,9 @@ struct Tables {
             out[2 + __builtin_popcountll(row.present) - 1] = s->data_ptr();
           }
         }
+        for (Py_ssize_t key = 0; key < e && !stateless && ok; ++key) {
+          ok = item(param_state, PyTuple_GET_ITEM(extra.ptr(), key), extra_hashes[key]) != nullptr;
+        }
         if (!ok) continue;
         if (count) {
           PyObject* step = item(param_state, step_key.ptr(), step_hash);
@@ -158,6 +170,7 @@ struct Tables {
     pointers.reserve(n * (k + 2));
     std::vector<at::Tensor*> counters;
     int with_step = -1;
+    Py_ssize_t first = -1;
     at::ScalarType dtype = at::kFloat;
     for (Py_ssize_t i = 0; i < n; ++i) {
       const Row& row = rows[i];
@@ -169,7 +182,7 @@ struct Tables {
       }
       seen[slot] = row.param;
       if (row.kind == 1) continue;  // no gradient
-      if (numels.empty()) { pattern = row.present; with_step = row.has_step; dtype = row.dtype; }
+      if (numels.empty()) { pattern = row.present; with_step = row.has_step; dtype = row.dtype; first = i; }
       // One kernel reads every tensor of the table in one dtype, and the same state tensors of each.
       if (row.dtype != dtype || row.present != pattern || row.has_step != with_step) {
         status = i; return;
@@ -181,6 +194,9 @@ struct Tables {
       if (row.step != nullptr) counters.push_back(row.step);
     }
     if (numels.empty()) { status = -2; return; }
+    // A key the update needs is missing from every param's state: the general path raises KeyError.
+    const uint64_t have = pattern | (with_step > 0 ? uint64_t(1) << k : 0);
+    if ((required & ~have) != 0) { status = first; return; }
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (rows[i].kind == 0) params.append(py::handle(rows[i].param));
     }
@@ -269,7 +285,7 @@ py::object scalars(py::list tensors, int op, const std::vector<double>& values, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Tables>(m, "Tables")
-      .def(py::init<py::list, py::dict, py::tuple, bool, py::tuple>())
+      .def(py::init<py::list, py::dict, py::tuple, bool, py::tuple, uint64_t, py::tuple>())
       .def_readonly("status", &Tables::status)
       .def_readonly("uniform", &Tables::uniform)
       .def_readonly("steps", &Tables::steps)

@@ -1,0 +1,132 @@
+"""Bad gradients and bad state raise torch's exception type, naming the parameter and key, before a
+step changes anything, under every strategy (:mod:`scratchopt.step_checks`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import scratchopt
+from scratchopt.algorithms import ALGORITHMS
+from scratchopt.strategies import NAMES
+from scratchopt.strategies.kernels import runtime
+from scratchopt.testing import hard_params_for
+
+# Algorithms with an update the strategies run (the closure ones write their step out in full).
+_STEPPED = [name for name, cls in ALGORITHMS.items() if not cls.needs_closure and cls.takes != "sparse gradients"]
+
+
+@pytest.fixture(params=["runtime", "python"])
+def tables(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """With the native runtime (its pass over the group declines, the general path raises) and without."""
+    if request.param == "runtime":
+        if runtime.ready() is None:
+            runtime._build(in_process=True)
+        assert runtime.ready() is not None
+    else:
+        monkeypatch.setattr(runtime, "get", lambda: None)
+        monkeypatch.setattr(runtime, "ready", lambda: None)
+    return str(request.param)
+
+
+def _trained(name: str, impl: str, **kwargs: Any) -> tuple[Any, list[Tensor]]:
+    cls = ALGORITHMS[name]
+    params = [p for p in hard_params_for(cls)(torch.float32) if p.requires_grad]
+    optimizer = cls(params, **{**cls.example_kwargs, **kwargs}, impl=impl if cls.elementwise else None)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.full_like(p, 0.25) + 0.5 * p.detach()
+        optimizer.step()
+    for p in params:
+        p.grad = torch.full_like(p, -0.5)
+    return optimizer, params
+
+
+def _snapshot(optimizer: Any, params: list[Tensor]) -> list[Any]:
+    def copy(value: Any) -> Any:
+        return value.clone() if isinstance(value, Tensor) else value
+
+    return [(p.detach().clone(), {k: copy(v) for k, v in optimizer.state[p].items()}) for p in params]
+
+
+def _assert_unchanged(optimizer: Any, params: list[Tensor], before: list[Any]) -> None:
+    for index, (p, (value, state)) in enumerate(zip(params, before)):
+        assert torch.equal(p.detach(), value), f"param {index} changed"
+        now = optimizer.state[p]
+        assert set(now) == set(state), f"param {index}: state keys {set(now)} != {set(state)}"
+        for key, old in state.items():
+            new = now[key]
+            same = torch.equal(new, old) if isinstance(old, Tensor) else new == old
+            assert same, f"param {index}: state[{key!r}] changed"
+
+
+@pytest.mark.parametrize("impl", NAMES)
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_switching_amsgrad_on_raises_key_error_before_anything_changes(name, impl, tables):
+    optimizer, params = _trained(name, impl)
+    optimizer.param_groups[0]["amsgrad"] = True
+    before = _snapshot(optimizer, params)
+    with pytest.raises(KeyError, match=r"parameter 0 has no 'max_exp_avg_sq'"):
+        optimizer.step()
+    _assert_unchanged(optimizer, params, before)
+
+
+@pytest.mark.parametrize("impl", NAMES)
+@pytest.mark.parametrize("name", _STEPPED)
+def test_a_loaded_state_without_a_key_raises_key_error_naming_it(name, impl, tables):
+    optimizer, params = _trained(name, impl)
+    keys = sorted(optimizer.state[params[1]])
+    if len(keys) == 1:
+        pytest.skip(f"{name}: without its one key the state is empty, and a step starts it afresh, as in torch")
+    for key in keys:
+        saved = optimizer.state_dict()
+        del saved["state"][1][key]
+        optimizer.load_state_dict(saved)
+        before = _snapshot(optimizer, params)
+        with pytest.raises(KeyError, match=rf"parameter 1 has no {key!r}"):
+            optimizer.step()
+        _assert_unchanged(optimizer, params, before)
+        restored = optimizer.state_dict()
+        restored["state"][1][key] = torch.zeros(()) if key in ("step", "mu_product", "eta", "mu") else None
+        if restored["state"][1][key] is None:
+            restored["state"][1][key] = torch.zeros_like(params[1])
+        optimizer.load_state_dict(restored)
+
+
+@pytest.mark.parametrize("impl", NAMES)
+@pytest.mark.parametrize("case", ["float64 gradient", "broadcastable gradient", "state of another shape"])
+@pytest.mark.parametrize("name", _STEPPED)
+def test_a_mismatched_gradient_or_state_raises_runtime_error_before_anything_changes(name, case, impl, tables):
+    optimizer, params = _trained(name, impl)
+    target = params[0]  # a (5, 4) matrix
+    if case == "float64 gradient":
+        target.grad.data = torch.ones(target.shape, dtype=torch.float64)  # slips past the grad setter
+        expected = r"gradient of parameter 0 is torch.float64"
+    elif case == "broadcastable gradient":
+        target.grad.data = torch.ones(target.shape[-1])
+        expected = r"gradient of parameter 0 .*\(4,\)"
+    else:
+        state = optimizer.state[target]
+        key = next((k for k in optimizer.state_keys if isinstance(state.get(k), Tensor)), None)
+        if key is None or not optimizer.elementwise:
+            pytest.skip(f"{name} keeps no param-shaped state tensor")
+        state[key] = torch.zeros(target.numel())
+        expected = rf"state\[{key!r}\] of parameter 0 has shape \(20,\)"
+    before = _snapshot(optimizer, params)
+    with pytest.raises(RuntimeError, match=expected):
+        optimizer.step()
+    _assert_unchanged(optimizer, params, before)
+
+
+def test_the_message_names_a_named_parameter_and_its_group():
+    model = torch.nn.Linear(3, 2)
+    optimizer = scratchopt.Adam(
+        [{"params": [model.weight], "param_names": ["weight"]}, {"params": [model.bias], "param_names": ["bias"]}]
+    )
+    model(torch.randn(4, 3)).sum().backward()
+    model.bias.grad.data = model.bias.grad.double()
+    with pytest.raises(RuntimeError, match=r"parameter 0 \('bias'\) of param group 1"):
+        optimizer.step()
