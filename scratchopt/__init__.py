@@ -10,6 +10,7 @@ from typing import Any
 
 from scratchopt.algorithms import ALGORITHMS
 from scratchopt.distributed import step_in_backward
+from scratchopt.factory import create
 from scratchopt.optimizer import Algorithm, ClosureOptimizer, ScratchOptimizer, new_step_counter
 
 globals().update(ALGORITHMS)
@@ -20,6 +21,7 @@ __all__ = [
     "Algorithm",
     "ClosureOptimizer",
     "ScratchOptimizer",
+    "create",
     "new_step_counter",
     "step_in_backward",
 ]

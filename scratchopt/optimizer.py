@@ -118,6 +118,25 @@ def resolve_impl(impl: str | None, foreach: bool | None, fused: bool | None) -> 
     return impl
 
 
+def only_the_loop(name: str, impl: str) -> str:
+    """The error for an ``impl`` other than the loop asked of an algorithm that runs only the loop."""
+    return (
+        f"{name} runs only impl='loop' (got impl={impl!r}): its update is not elementwise (it reduces over, "
+        "reshapes or mixes a tensor's elements, or evaluates a closure), so it does not run on tensor "
+        "lists or generated kernels. torch's foreach=/fused= flags, where torch's signature has them, are "
+        "accepted and run the loop"
+    )
+
+
+def check_impl(optimizer: Optimizer, impl: Any) -> str:
+    """``impl`` if the optimizer can run it, else the ValueError every algorithm raises."""
+    if impl not in strategies.STRATEGIES:
+        raise ValueError(f"Invalid impl value: {impl!r}; impl must be one of {', '.join(strategies.NAMES)}")
+    if impl != "loop" and not getattr(optimizer, "elementwise", False):
+        raise ValueError(only_the_loop(type(optimizer).__name__, impl))
+    return str(impl)
+
+
 def _forget_strategy_data(optimizer: Optimizer) -> None:
     """After ``load_state_dict`` the state tensors are new: a strategy forgets what it kept for the old."""
     if isinstance(optimizer, ScratchOptimizer):
@@ -176,11 +195,6 @@ class Algorithm(Optimizer):
         if not getattr(cls.step, "runs_eagerly", False):
             cls.step = runs_eagerly(cls.step)  # type: ignore[method-assign]
 
-    def __repr__(self) -> str:
-        # torch's listing of the groups, with the strategy that runs them on its first line.
-        name, _, groups = super().__repr__().partition(" (\n")
-        return f"{name} (impl={getattr(self, 'impl', 'loop')!r}\n{groups}"
-
 
 class ScratchOptimizer(Algorithm):
     """A :class:`torch.optim.Optimizer` whose subclasses define only the math of one algorithm."""
@@ -219,12 +233,18 @@ class ScratchOptimizer(Algorithm):
             # torch's differentiable path detaches and clones in algorithm-specific places; running our
             # update under autograd would give gradients that differ from torch's, so we refuse it.
             raise NotImplementedError("differentiable=True is not supported by scratchopt; use torch.optim")
-        #: The strategy that runs: the one asked for, or "loop" for an algorithm that is not elementwise
-        #: (its update reduces over or reshapes a tensor, so it may not run on lists, buffers or kernels).
-        impl = resolve_impl(impl, torch_flags.get("foreach"), torch_flags.get("fused"))
-        self.impl = impl if self.elementwise else "loop"
+        if impl is not None:
+            check_impl(self, impl)
+        resolved = resolve_impl(impl, torch_flags.get("foreach"), torch_flags.get("fused"))
+        #: The strategy of a group that names none (torch's flags are hints: a non-elementwise
+        #: algorithm runs the loop under them); each group records its own as ``group["impl"]``.
+        self.default_impl = resolved if self.elementwise else "loop"
         self._constructed = False
-        merged = {**defaults, **torch_flags}
+        # fused=True where torch has the flag, so that torch.optim loading this state_dict runs fused too.
+        # (foreach= is left as given: torch's foreach refuses inputs ours takes, a tensor lr for one.)
+        fused = {"fused": True} if self.default_impl == "fused" and "fused" in torch_flags else {}
+        merged = {**defaults, **torch_flags, **fused}
+        merged["impl"] = self.default_impl
         if self.torch_twin is not None:  # torch interleaves its flags with the hyperparameters
             order = torch_key_order(self.torch_twin)
             merged = dict(
@@ -238,9 +258,30 @@ class ScratchOptimizer(Algorithm):
             self._check_elementwise_declaration(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        impl = param_group.get("impl") if isinstance(param_group, dict) else None
+        if impl is not None:
+            check_impl(self, impl)
         super().add_param_group(param_group)
         if self._constructed:
             self._check_elementwise_declaration(self.param_groups[-1])
+
+    @property
+    def impl(self) -> str:
+        """The strategy that runs the first group (each group's is :meth:`impl_of`)."""
+        groups = getattr(self, "param_groups", None)
+        return self.impl_of(groups[0]) if groups else self.default_impl
+
+    def impl_of(self, group: dict[str, Any]) -> str:
+        """The strategy that runs a group: its ``impl``, read at every step (so an edit takes effect on
+        the next one); for a group loaded from torch's state_dict, which has none, the one torch's
+        ``fused``/``foreach`` flags select, else :attr:`default_impl`. The loop for an algorithm that is
+        not elementwise."""
+        if not self.elementwise:
+            return "loop"
+        impl = group.get("impl")
+        if impl is None:
+            impl = "fused" if group.get("fused") else "foreach" if group.get("foreach") else self.default_impl
+        return check_impl(self, impl)
 
     def _check_elementwise_declaration(self, group: dict[str, Any]) -> None:
         """Run ``update`` on stand-ins, as its first step would run, and refuse a false declaration.
@@ -275,6 +316,7 @@ class ScratchOptimizer(Algorithm):
             )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("default_impl", state.pop("impl", "loop"))  # an older pickle named it impl
         super().__setstate__(state)
         self.register_load_state_dict_post_hook(_forget_strategy_data)
         group_defaults = {
@@ -396,10 +438,9 @@ class ScratchOptimizer(Algorithm):
         return cls.check_grad is ScratchOptimizer.check_grad and cls.check_inputs is ScratchOptimizer.check_inputs
 
     def apply_updates(self) -> None:
-        """Update every group with the strategy ``self.impl`` (under ``torch.no_grad()``)."""
+        """Update every group with its strategy (:meth:`impl_of`, under ``torch.no_grad()``)."""
         with torch.no_grad():
-            for group in self.param_groups:
-                strategies.run(self, group)
+            strategies.step(self)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step; with a closure, re-evaluate the loss first and return it."""
@@ -407,12 +448,41 @@ class ScratchOptimizer(Algorithm):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.apply_updates()
+        if self.unscale_for_grad_scaler():
+            self.apply_updates()
         return loss
+
+    #: torch's contract with ``torch.amp.GradScaler``: the scaler calls ``step()`` directly, having set
+    #: ``grad_scale`` (the scale to divide the gradients by, or None once ``scaler.unscale_`` ran) and
+    #: ``found_inf`` on the optimizer, instead of unscaling every gradient in a pass of its own first.
+    _step_supports_amp_scaling: ClassVar[bool] = True
+
+    def unscale_for_grad_scaler(self) -> bool:
+        """Under a GradScaler: False (the step is skipped, nothing changed) where it found an inf or NaN;
+        else divide each gradient in place by ``grad_scale``, as ``scaler.unscale_`` would, and True."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return False
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return True
+        grads: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.setdefault((p.grad.device, p.grad.dtype, p.grad.is_sparse), []).append(p.grad)
+        for (device, _, sparse), tensors in grads.items():
+            scale = grad_scale.to(device)
+            if sparse:
+                for grad in tensors:
+                    grad.div_(scale)
+            else:
+                torch._foreach_div_(tensors, scale)
+        return True
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["impl"] = self.impl
+        state["default_impl"] = self.default_impl
         return state
 
 
@@ -433,10 +503,7 @@ class ClosureOptimizer(Algorithm):
 
     def __init__(self, params: Any, defaults: dict[str, Any], impl: str | None = None) -> None:
         if impl not in (None, "loop"):
-            raise ValueError(
-                f"{type(self).__name__} runs only impl='loop' (got impl={impl!r}): its step needs a closure "
-                "and is written out in full, so there is no per-tensor update to batch or compile"
-            )
+            raise ValueError(only_the_loop(type(self).__name__, impl))
         super().__init__(params, defaults)
 
     def require_closure(self, closure: Any) -> None:

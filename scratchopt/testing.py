@@ -345,8 +345,8 @@ def check_optimizer(
     below ``MIN_KERNEL_NUMEL`` elements eagerly; ``fused`` runs its native kernel at every size).
 
     ``impls`` defaults to every strategy when ``cls.elementwise`` is true (then each must match the
-    loop), and to the loop alone otherwise (the other strategies run the loop for it, and say so in
-    ``optimizer.impl``, which is checked too). ``make_params(dtype)`` replaces the hard parameter set
+    loop), and to the loop alone otherwise (the other strategies then refuse it with a ValueError, which
+    is checked too). ``make_params(dtype)`` replaces the hard parameter set
     (five params: the fourth misses some gradients, the fifth is frozen); by default it is the one the
     class's ``takes`` declaration accepts (:func:`hard_params_for`).
     """
@@ -357,9 +357,14 @@ def check_optimizer(
     ran = []
     probe = [torch.zeros(2, 2, requires_grad=True)]
     for impl in EXACT_IMPLS + COMPILED_IMPLS:
-        expected = impl if cls.elementwise else "loop"
+        if not cls.elementwise:  # it runs only the loop, and says so rather than run it silently
+            try:
+                cls(probe, **copy.deepcopy(kwargs), impl=impl)
+            except ValueError:
+                continue
+            raise AssertionError(f"{cls.__name__}(impl={impl!r}) constructed, but it runs only the loop")
         actual = cls(probe, **copy.deepcopy(kwargs), impl=impl).impl
-        assert actual == expected, f"{cls.__name__}(impl={impl!r}).impl is {actual!r}, but {expected!r} runs"
+        assert actual == impl, f"{cls.__name__}(impl={impl!r}).impl is {actual!r}, but {impl!r} runs"
     for impl in impls:
         for dtype in dtypes:
             before = kernel_calls()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import pkgutil
 from typing import Any
 
@@ -231,13 +232,67 @@ def test_an_optimizer_built_on_a_meta_device_model_steps_like_torchs(name, flags
 
 
 @pytest.mark.parametrize("name", list(scratchopt.algorithms.ALGORITHMS))
-def test_repr_says_which_strategy_runs(name):
-    """torch's listing of the groups, and on its first line the strategy that actually runs them."""
+def test_the_groups_and_repr_say_which_strategy_runs(name):
+    """Each group records its strategy (``impl``, in torch's listing of the groups and the state_dict),
+    with torch's flag that selects the same where torch has it; an algorithm that runs only the loop
+    refuses any other impl, as every one of them does."""
     cls = scratchopt.algorithms.ALGORITHMS[name]
     params = [torch.zeros(3, 2, requires_grad=True)]
-    ours = cls(params, **cls.example_kwargs) if cls.needs_closure else cls(params, **cls.example_kwargs, impl="fused")
-    expected = "fused" if cls.elementwise else "loop"
-    first, *rest = repr(ours).splitlines()
-    assert first == f"{name} (impl={expected!r}" and ours.impl == expected
-    assert rest[0] == "Parameter Group 0" and rest[-1] == ")"
-    assert all(f"    {key}: " in repr(ours) for key in ours.param_groups[0] if key != "params")
+    if not cls.elementwise:
+        if "impl" in inspect.signature(cls).parameters:
+            with pytest.raises(ValueError, match=rf"{name} runs only impl='loop' \(got impl='fused'\)"):
+                cls(params, **cls.example_kwargs, impl="fused")
+        assert cls(params, **cls.example_kwargs).impl == "loop"
+        return
+    ours = cls(params, **cls.example_kwargs, impl="fused")
+    group = ours.param_groups[0]
+    assert ours.impl == group["impl"] == "fused" == ours.state_dict()["param_groups"][0]["impl"]
+    assert "    impl: fused\n" in repr(ours)
+    assert all(f"    {key}: " in repr(ours) for key in group if key != "params")
+    if "fused" in group:  # torch.optim loading this state_dict runs its fused kernel
+        assert group["fused"] is True
+        twin = getattr(torch.optim, cls.torch_twin)([torch.zeros(3, 2, requires_grad=True)])
+        twin.load_state_dict(ours.state_dict())
+        assert twin.param_groups[0]["fused"] is True
+
+
+def test_each_group_runs_the_impl_it_records_and_an_edit_takes_effect(monkeypatch):
+    """``group["impl"]`` is read at every step: groups may differ, an edit switches the next step, a
+    state_dict of torch's (no ``impl``) runs what its ``fused`` flag selects, and a bad value raises
+    before anything changes."""
+    ran: list[str] = []
+    for name, strategy in scratchopt.strategies.STRATEGIES.items():
+        original = strategy.update
+
+        def spy(optimizer, group, params, hyperparameters, name=name, original=original):
+            ran.append(name)
+            return original(optimizer, group, params, hyperparameters)
+
+        monkeypatch.setattr(strategy, "update", spy)
+        monkeypatch.setattr(strategy, "plan_group", lambda optimizer, group: None)
+    params = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    optimizer = scratchopt.AdamW([{"params": params[:1]}, {"params": params[1:], "impl": "foreach"}], impl="fused")
+
+    def step() -> list[str]:
+        ran.clear()
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        return list(ran)
+
+    assert [g["impl"] for g in optimizer.param_groups] == ["fused", "foreach"]
+    assert step() == ["fused", "foreach"]
+    optimizer.param_groups[0]["impl"] = "loop"
+    assert step() == ["loop", "foreach"]
+    theirs = torch.optim.AdamW(
+        [{"params": [torch.randn(4, requires_grad=True)]}, {"params": [torch.randn(3, requires_grad=True)]}], fused=True
+    )
+    optimizer.load_state_dict(theirs.state_dict())  # torch's groups: fused=True and no impl
+    assert optimizer.impl == "fused" and step() == ["fused", "fused"]
+    optimizer.param_groups[1]["impl"] = "fast"
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="Invalid impl value: 'fast'"):
+        step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with pytest.raises(ValueError, match="Invalid impl value"):
+        optimizer.add_param_group({"params": [torch.randn(2, requires_grad=True)], "impl": "fast"})

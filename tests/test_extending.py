@@ -91,7 +91,9 @@ def normalized_momentum_reference(
 def test_a_users_per_tensor_optimizer_passes_the_kit():
     ran = check_optimizer(NormalizedMomentum, {"lr": 0.05}, reference=normalized_momentum_reference)
     assert ran == ["state_dict round trip (loop)", "scheduler (loop)", "reference"]
-    assert NormalizedMomentum([torch.zeros(2, 2, requires_grad=True)], impl="fused").impl == "loop"
+    with pytest.raises(ValueError, match="NormalizedMomentum runs only impl='loop'"):
+        NormalizedMomentum([torch.zeros(2, 2, requires_grad=True)], impl="fused")
+    assert NormalizedMomentum([torch.zeros(2, 2, requires_grad=True)]).impl == "loop"
 
 
 def test_the_kit_fails_wrong_math():

@@ -130,3 +130,20 @@ def test_the_message_names_a_named_parameter_and_its_group():
     model.bias.grad.data = model.bias.grad.double()
     with pytest.raises(RuntimeError, match=r"parameter 0 \('bias'\) of param group 1"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("impl", NAMES)
+def test_bad_input_in_one_group_leaves_every_group_unchanged(impl, tables):
+    """Every group is checked before any is updated: no step is half-done across groups either."""
+    first, second = [torch.randn(5, 4, requires_grad=True)], [torch.randn(3, requires_grad=True)]
+    optimizer = scratchopt.AdamW([{"params": first}, {"params": second, "lr": 0.5}], impl=impl)
+    params = first + second
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    second[0].grad.data = torch.ones(3, dtype=torch.float64)
+    before = _snapshot(optimizer, params)
+    with pytest.raises(RuntimeError, match="gradient of parameter 0 of param group 1"):
+        optimizer.step()
+    _assert_unchanged(optimizer, params, before)

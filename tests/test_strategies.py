@@ -427,7 +427,8 @@ def test_pickled_optimizer_keeps_its_impl():
 
 
 def test_non_elementwise_algorithms_run_the_loop(monkeypatch):
-    """An algorithm without ``elementwise = True`` gets the loop under every impl: one tensor per call."""
+    """An algorithm without ``elementwise = True`` refuses another impl, and under torch's ``foreach=True``
+    flag runs the loop: one tensor per call."""
     monkeypatch.setattr(scratchopt.Adam, "elementwise", False)
     original = scratchopt.Adam.update
     seen = set()
@@ -437,8 +438,15 @@ def test_non_elementwise_algorithms_run_the_loop(monkeypatch):
         return original(param, *args, **kwargs)
 
     monkeypatch.setattr(scratchopt.Adam, "update", staticmethod(spy))
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
     for impl in scratchopt.strategies.NAMES[1:]:
-        _side_by_side("Adam", {}, torch.float32, impl, steps=3)
+        with pytest.raises(ValueError, match=f"Adam runs only impl='loop' \\(got impl='{impl}'\\)"):
+            scratchopt.Adam(params, impl=impl)
+    optimizer = scratchopt.Adam(params, foreach=True)
+    assert optimizer.impl == "loop"
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
     assert seen == {torch.Tensor}
 
 
@@ -603,15 +611,16 @@ def test_many_small_tensors_train_like_the_loop(impl):
 
 @pytest.mark.parametrize("impl", EXACT + COMPILED)
 def test_impl_says_what_runs(impl):
-    """An elementwise algorithm runs the strategy asked for; one that is not runs the loop, and says so."""
+    """An elementwise algorithm runs the strategy asked for; every one that runs only the loop refuses it
+    with the same ValueError (torch's flags are accepted, and run the loop)."""
     params = [torch.nn.Parameter(torch.randn(4, 3))]
     for name in implemented():
         cls = getattr(scratchopt, name)
-        if name == "LBFGS":
-            with pytest.raises(ValueError, match="LBFGS runs only impl='loop'"):
+        if not cls.elementwise:
+            with pytest.raises(ValueError, match=f"{name} runs only impl='loop'"):
                 cls(params, impl=impl)
             continue
-        assert cls(params, impl=impl).impl == (impl if cls.elementwise else "loop"), name
+        assert cls(params, impl=impl).impl == impl, name
 
 
 def test_small_buffers_run_the_eager_update(monkeypatch):

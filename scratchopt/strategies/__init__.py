@@ -5,15 +5,17 @@ A strategy never changes the math. Each module of this package that binds ``STRA
 ``impl=``); :data:`STRATEGIES` is the registry every tool and test reads. ``docs/design.md`` describes
 the contract, the data flow of one step and how to add a strategy.
 
-:func:`run` is the dispatcher. For each param group it alone
+:func:`step` is the dispatcher. For each param group it alone (:func:`plan`)
 
 1. selects the params that have a gradient;
 2. calls ``optimizer.check_inputs`` on them, before anything changes;
 3. reads the group's hyperparameters;
 4. sends to the loop what only the loop can take — an algorithm that is not elementwise, a group that
-   lists a param twice, params with sparse gradients — and the rest to the strategy named ``impl``.
+   lists a param twice, params with sparse gradients — and the rest to the group's strategy
+   (``group["impl"]``);
 
-A strategy that can do all of this natively in one pass over the group (:meth:`Strategy.step_group`)
+and only once every group is checked does it update them, so no step is half-done across groups either.
+A strategy that can do all of this natively in one pass over the group (:meth:`Strategy.plan_group`)
 is offered the group first; it declines, having changed nothing, whenever any of these rules applies.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import importlib
 import operator
 import pkgutil
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,30 +63,50 @@ def approximate_names() -> tuple[str, ...]:
     return tuple(name for name, strategy in STRATEGIES.items() if not strategy.exact)
 
 
-def run(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
-    """Update one param group with the strategy ``optimizer.impl``."""
-    strategy = STRATEGIES[optimizer.impl]
-    if (
-        strategy is not LOOP
-        and optimizer.elementwise
-        and optimizer.default_checks
-        and strategy.step_group(optimizer, group)
-    ):
-        return
+def step(optimizer: ScratchOptimizer) -> None:
+    """Update every group of the optimizer, each with its strategy (``optimizer.impl_of(group)``): every
+    group is checked before any changes, so bad input in one group leaves the others as they were."""
+    plans = [plan(optimizer, group) for group in optimizer.param_groups]
+    for planned in plans:
+        if planned is not None:
+            planned()
+
+
+def plan(optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], None] | None:
+    """Check one param group, changing nothing, and return the step that updates it (None: no param of
+    it has a gradient)."""
+    strategy = STRATEGIES[optimizer.impl_of(group)]
+    if strategy is not LOOP and optimizer.elementwise and optimizer.default_checks:
+        planned = strategy.plan_group(optimizer, group)
+        if planned is not None:
+            return planned
     with_grad = [(p, g) for p, g in zip(group["params"], map(_grad_of, group["params"])) if g is not None]
     if not with_grad:
-        return
+        return None
     params = [p for p, _ in with_grad]
     optimizer.check_inputs(group, params)
     hyperparameters = optimizer.update_arguments(group)
     if strategy is not LOOP and (not optimizer.elementwise or _has_duplicates(params)):
         strategy = LOOP
+    sparse: list[Tensor] = []
     if strategy is not LOOP and any(g.layout != torch.strided for _, g in with_grad):
-        LOOP.update(optimizer, group, [p for p, g in with_grad if g.layout != torch.strided], hyperparameters)
+        sparse = [p for p, g in with_grad if g.layout != torch.strided]
         params = [p for p, g in with_grad if g.layout == torch.strided]
-        if not params:
-            return
-    strategy.update(optimizer, group, params, hyperparameters)
+
+    def update() -> None:
+        if sparse:
+            LOOP.update(optimizer, group, sparse, hyperparameters)
+        if params:
+            strategy.update(optimizer, group, params, hyperparameters)
+
+    return update
+
+
+def run(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
+    """Update one param group with its strategy (``optimizer.impl_of(group)``)."""
+    planned = plan(optimizer, group)
+    if planned is not None:
+        planned()
 
 
 def reset(optimizer: ScratchOptimizer) -> None:
@@ -99,4 +122,15 @@ def _has_duplicates(params: list[Tensor]) -> bool:
     return len({id(p) for p in params}) != len(params)
 
 
-__all__ = ["LOOP", "NAMES", "STRATEGIES", "Strategy", "approximate_names", "exact_names", "reset", "run"]
+__all__ = [
+    "LOOP",
+    "NAMES",
+    "STRATEGIES",
+    "Strategy",
+    "approximate_names",
+    "exact_names",
+    "plan",
+    "reset",
+    "run",
+    "step",
+]

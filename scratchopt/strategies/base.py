@@ -3,7 +3,7 @@
 A strategy is one object (an instance of a :class:`Strategy` subclass, bound to the name ``STRATEGY``
 in its module) with a ``name``, what it guarantees against the loop (``ulp``: 0 for bit-exact), and one
 method, :meth:`Strategy.update`, that runs the algorithm's ``update`` on a list of params of one group.
-The dispatcher (:func:`scratchopt.strategies.run`) has already
+The dispatcher (:func:`scratchopt.strategies.step`) has already
 
 * selected the params that have a gradient, in the group's order;
 * called ``optimizer.check_inputs`` on them, so nothing a strategy does can fail half-way on bad input;
@@ -14,17 +14,20 @@ The dispatcher (:func:`scratchopt.strategies.run`) has already
 So :meth:`Strategy.update` receives dense, distinct params of an elementwise algorithm, and must update
 them in place, in the storage they have, by calling the one ``update`` of the algorithm.
 
-A strategy may also take a whole group in one pass (:meth:`Strategy.step_group`) when it makes those
-checks itself, natively, on the group's own list: it either updates the group, exactly as the general
-path would, or returns False having changed nothing, and the dispatcher then takes the general path
-(which raises torch's errors for bad input). The dispatcher offers it only groups of an elementwise
-algorithm whose checks are the default ones. A strategy
+The dispatcher checks every group before it updates any, so a step is never half-done across groups
+either: it plans each group (checks, nothing changed), then runs the plans. A strategy may plan a whole
+group in one pass (:meth:`Strategy.plan_group`) when it makes those checks itself, natively, on the
+group's own list: it returns the step that updates the group, exactly as the general path would, or
+None having changed nothing, and the dispatcher then takes the general path (which raises torch's errors
+for bad input). The dispatcher offers it only groups of an elementwise algorithm whose checks are the
+default ones. A strategy
 keeps the data it holds per optimizer inside itself (keyed weakly by the optimizer) and forgets it in
 :meth:`Strategy.reset`, which runs after ``load_state_dict``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
@@ -60,9 +63,10 @@ class Strategy:
         """Update ``params`` (dense gradients, each listed once, in the group's order) in place."""
         raise NotImplementedError
 
-    def step_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> bool:
-        """Check and update the whole group in one pass; False, with nothing changed, where it cannot."""
-        return False
+    def plan_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], None] | None:
+        """Check the whole group in one pass, changing nothing, and return the step that updates it
+        (exactly as the general path would); None where it cannot."""
+        return None
 
     def reset(self, optimizer: ScratchOptimizer) -> None:
         """Forget what is kept for ``optimizer`` (its state was replaced by ``load_state_dict``)."""

@@ -7,7 +7,7 @@ read afresh at every step. So the optimizer keeps nothing but its state, and any
 ``optimizer.state`` or ``param_groups`` takes effect on the next step as in torch. ``fused=True`` maps
 here.
 
-In the steady step (:meth:`Fused.step_group`) the native runtime reads the group in one pass, makes the
+In the steady step (:meth:`Fused.plan_group`) the native runtime reads the group in one pass, makes the
 dispatcher's checks, builds the table and counts the default ``step``; the kernel's scalars come from
 the update's traced scalar arithmetic (:mod:`~scratchopt.strategies.kernels.tracing`), so nothing is
 recorded. Each param's own scalars (its ``step``: a param that missed steps has another bias
@@ -22,6 +22,7 @@ a few ulp of the loop: the kernel's ``sqrt`` is correctly rounded, ATen's float3
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -86,36 +87,54 @@ class Fused(Strategy):
         # update, dtype, the state tensors present and what the trace assumes of its arguments.
         self.traces: dict[tuple[Any, ...], list[Trace]] = {}
 
-    def step_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> bool:
+    def plan_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], None] | None:
         """The steady step, through the native runtime: one pass in C++ over the group makes the
-        dispatcher's checks and builds the table (and counts the default ``step``), then one kernel call."""
+        dispatcher's checks and builds the table; the step it returns counts the default ``step`` there
+        and makes one kernel call."""
         module = runtime.get()
         if module is None:
-            return False
+            return None
         default_count = optimizer.default_count
         required, extra = _requirements(optimizer, group, default_count)
         keys = optimizer.state_keys
         tables = module.Tables(group["params"], optimizer.state, keys, default_count, _PLAIN, required, extra)
         if tables.status != -1:
-            return False  # nothing changed: the general path decides (and raises for bad input)
-        params = tables.params
-        hyperparameters = optimizer.update_arguments(group)
-        if not default_count:
-            # The algorithm's own bookkeeping may create state (SGD's momentum buffer): the table is read
-            # again after it.
-            values = optimizer.count_steps(params, group)
-            tables = module.Tables(params, optimizer.state, keys, False, _PLAIN, required, extra)
-            if tables.status != -1:
-                self.update_counted(optimizer, group, params, hyperparameters, values)
-                return True
-        elif tables.counted and optimizer.step_is_argument:
-            steps = tables.steps
-            values = [{"step": steps[0]}] * len(params) if tables.uniform else [{"step": step} for step in steps]
-        else:
-            values = [{}] * len(params)
+            return None  # nothing changed: the general path decides (and raises for bad input)
+
+        def step() -> None:
+            params = tables.params
+            hyperparameters = optimizer.update_arguments(group)
+            if not default_count:
+                # The algorithm's own bookkeeping may create state (SGD's momentum buffer): the table is
+                # read again after it.
+                values = optimizer.count_steps(params, group)
+                counted = module.Tables(params, optimizer.state, keys, False, _PLAIN, required, extra)
+                if counted.status != -1:
+                    self.update_counted(optimizer, group, params, hyperparameters, values)
+                    return
+                self.launch_or_update(optimizer, group, counted, params, hyperparameters, values)
+                return
+            tables.advance()
+            if tables.counted and optimizer.step_is_argument:
+                steps = tables.steps
+                values = [{"step": steps[0]}] * len(params) if tables.uniform else [{"step": s} for s in steps]
+            else:
+                values = [{}] * len(params)
+            self.launch_or_update(optimizer, group, tables, params, hyperparameters, values)
+
+        return step
+
+    def launch_or_update(
+        self,
+        optimizer: ScratchOptimizer,
+        group: dict[str, Any],
+        tables: Any,
+        params: list[Tensor],
+        hyperparameters: Hyperparameters,
+        values: list[dict[str, Any]],
+    ) -> None:
         if not self.launch(optimizer, tables, params, hyperparameters, values):
             self.update_counted(optimizer, group, params, hyperparameters, values)
-        return True
 
     def update(
         self, optimizer: ScratchOptimizer, group: dict[str, Any], params: list[Tensor], hyperparameters: Hyperparameters
@@ -128,6 +147,7 @@ class Fused(Strategy):
             # The dispatcher checked the state: no requirements here.
             tables = module.Tables(params, optimizer.state, optimizer.state_keys, default_count, _PLAIN, 0, ())
             if tables.status == -1:
+                tables.advance()
                 if default_count:
                     steps = tables.steps
                     if tables.counted and optimizer.step_is_argument:

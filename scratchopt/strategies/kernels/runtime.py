@@ -44,6 +44,7 @@ static PyObject* state_of(PyObject* state, PyObject* param) {
 struct Row {
   PyObject* param = nullptr;
   at::Tensor* step = nullptr;  // its state["step"], when counted
+  PyObject* step_object = nullptr;
   int64_t numel = 0;
   uint64_t present = 0;        // bit i: the state tensor of keys[i] is present
   at::ScalarType dtype = at::kFloat;
@@ -70,10 +71,13 @@ struct Tables {
   bool uniform = true;        // every param has the same step
   bool counted = false;       // the default step was counted
   uint64_t pattern = 0;       // bit i: the state tensor of keys[i] is present (the same for every param)
+  std::vector<at::Tensor*> counters_;  // the steps advance() counts
+  py::list alive_;                     // their Python tensors, held until then
+  bool count_ = false;
 
   // group: the group's params; state: optimizer.state; keys: the state keys in update order;
-  // count: advance each state["step"] (a 0-d float tensor) by one once every param passed the checks,
-  // where every param has one; plain: the classes whose data may be read directly.
+  // count: advance() then adds one to each state["step"] (a 0-d float tensor), where every param has
+  // one; plain: the classes whose data may be read directly. The constructor changes nothing.
   // required: bit i, the state tensor of keys[i] must be present (bit len(keys): the step, when counted);
   // extra: other keys the state must have (an algorithm's own 0-d bookkeeping).
   Tables(py::list group, py::dict state, py::tuple keys, bool count, py::tuple plain, uint64_t required,
@@ -154,6 +158,7 @@ struct Tables {
               continue;
             }
             row.step = const_cast<at::Tensor*>(&t);
+            row.step_object = step;
           }
         }
         out[0] = p.data_ptr();
@@ -191,7 +196,10 @@ struct Tables {
       pointers.insert(pointers.end(), in, in + 2 + __builtin_popcountll(row.present));
       numels.push_back(row.numel);
       total += row.numel;
-      if (row.step != nullptr) counters.push_back(row.step);
+      if (row.step != nullptr) {
+        counters.push_back(row.step);
+        alive_.append(py::handle(row.step_object));
+      }
     }
     if (numels.empty()) { status = -2; return; }
     // A key the update needs is missing from every param's state: the general path raises KeyError.
@@ -200,10 +208,18 @@ struct Tables {
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (rows[i].kind == 0) params.append(py::handle(rows[i].param));
     }
-    // Every check passed: only now is anything changed.
-    counted = !counters.empty();
-    steps.reserve(counters.size());
-    for (at::Tensor* t : counters) {
+    // Every check passed; nothing is changed until advance().
+    counters_ = std::move(counters);
+    count_ = count;
+  }
+
+  // Count each param's default step (`step += 1`, once): the first change a step makes.
+  void advance() {
+    if (!count_) return;
+    count_ = false;
+    counted = !counters_.empty();
+    steps.reserve(counters_.size());
+    for (at::Tensor* t : counters_) {
       double value;
       if (t->scalar_type() == at::kFloat) { float* v = t->data_ptr<float>(); *v += 1.0f; value = *v; }
       else { double* v = t->data_ptr<double>(); *v += 1.0; value = *v; }
@@ -294,6 +310,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("pattern", &Tables::pattern)
       .def_readonly("params", &Tables::params)
       .def("size", &Tables::size)
+      .def("advance", &Tables::advance)
       .def("launch", &Tables::launch);
   m.def("first_mismatch", &first_mismatch);
   m.def("scalars", &scalars);

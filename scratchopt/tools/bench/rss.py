@@ -25,7 +25,7 @@ from scratchopt.tools.bench.memory import state_bytes_per_param
 from scratchopt.tools.presets import preset as named_preset
 from scratchopt.tools.workloads import make_workload
 
-#: The model of the issue's memory target: 100M parameters in 1600 layers (1600 × Linear(250, 250)).
+#: The model of the extra-memory goal: 100M parameters in 1600 layers (1600 × Linear(250, 250)).
 WIDE = "100M: 1600 × Linear(250, 250)"
 CHILD_TIMEOUT_S = 600.0
 
