@@ -284,3 +284,15 @@ def test_every_elementwise_algorithm_is_held_to_torchs_fastest_on_the_gpt_model(
     assert [(g["where"].split(",")[0], g["met"]) for g in goals] == [("RMSprop", True), ("SGD", False)]
     assert "slower than torch foreach, torch's fastest here" in goals[1]["verdict"]
     assert goals[0]["measured"] == pytest.approx(2.5)
+
+
+def test_the_deepspeed_column_runs_only_where_deepspeed_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows, _ = columns.algorithm_rows()
+    model = torch.nn.Linear(3, 2)
+    monkeypatch.setattr(columns.importlib.util, "find_spec", lambda name: None)
+    assert columns.DEEPSPEED in columns.COLUMNS
+    assert columns.DEEPSPEED not in columns.preset_columns(PRESETS["full"])
+    with pytest.raises(ValueError, match="DeepSpeed is not installed"):
+        columns.build_optimizer(columns.DEEPSPEED, rows["AdamW"], model)
+    with pytest.raises(ValueError, match="Adam and AdamW only"):
+        columns.build_optimizer(columns.DEEPSPEED, rows["SGD"], model)

@@ -9,6 +9,8 @@ column per scratchopt strategy (``impl=``, from :data:`scratchopt.strategies.NAM
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,15 +61,24 @@ OURS_FUSED = ours("fused")
 #: only on models of at most ``compile_max_tensors`` tensors.
 OURS_COMPILED = ours("compiled")
 OURS_COLUMNS = tuple(ours(name) for name in strategies.NAMES)
-COLUMNS = TORCH_COLUMNS + OURS_COLUMNS
+#: A peer's CPU Adam/AdamW (an AVX-512 C++ extension built on first use), run where it is installed:
+#: the benchmark never depends on it.
+DEEPSPEED = "deepspeed cpu adam"
+PEER_COLUMNS = (DEEPSPEED,)
+COLUMNS = TORCH_COLUMNS + OURS_COLUMNS + PEER_COLUMNS
 #: Columns whose parameters must equal torch's for-loop bit for bit after the same steps (on the CPU): the
 #: strategies bit-exact with the loop, and the loop.
 BIT_EXACT_COLUMNS = tuple(ours(name) for name, strategy in strategies.STRATEGIES.items() if strategy.exact)
 
 
 def preset_columns(preset: Preset) -> list[str]:
-    """The columns ``preset`` runs by default."""
-    return [column for column in COLUMNS if column not in preset.excluded_columns]
+    """The columns ``preset`` runs by default (a peer's only where it is installed)."""
+    installed = importlib.util.find_spec("deepspeed") is not None
+    return [
+        column
+        for column in COLUMNS
+        if column not in preset.excluded_columns and (column not in PEER_COLUMNS or installed)
+    ]
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,8 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
 
     Raises for a column that cannot run the row (torch has no twin, or no fused kernel for it).
     """
+    if column == DEEPSPEED:
+        return _deepspeed_adam(row, model)
     if column in TORCH_FLAGS:
         twin = row.twin
         if twin is None:
@@ -122,3 +135,24 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
         return twin(model.parameters(), **row.kwargs, **TORCH_FLAGS[column])
     impl = column.removeprefix("ours ")
     return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl=impl)
+
+
+def _deepspeed_adam(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
+    """DeepSpeed's ``DeepSpeedCPUAdam`` with the row's Adam or AdamW arguments."""
+    if row.cls.__name__ not in ("Adam", "AdamW") or row.kwargs.get("amsgrad"):
+        raise ValueError("DeepSpeedCPUAdam is Adam and AdamW only")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("DeepSpeed is not installed (pip install deepspeed)")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # type: ignore[import-not-found]
+
+    defaults = {name: p.default for name, p in inspect.signature(row.cls).parameters.items()}
+    arguments = {**defaults, **row.kwargs}
+    optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(
+        model.parameters(),
+        lr=arguments["lr"],
+        betas=arguments["betas"],
+        eps=arguments["eps"],
+        weight_decay=arguments["weight_decay"],
+        adamw_mode=row.cls.__name__ == "AdamW",
+    )
+    return optimizer
