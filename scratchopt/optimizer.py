@@ -165,8 +165,17 @@ def runs_eagerly(step: Callable[..., Any]) -> Callable[..., Any]:
     wrapped when its first optimizer is built, after torch's hooks (a user's own algorithm included).
     """
     eager = torch.compiler.disable(step, reason="a scratchopt step runs eagerly")
-    eager.runs_eagerly = True
-    return eager
+
+    # Outside a compiled region the step is called directly (the disabled wrapper costs microseconds per
+    # call); Dynamo, tracing this function, sees is_compiling() as True and calls out to the eager step.
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return eager(*args, **kwargs)
+        return step(*args, **kwargs)
+
+    wrapper.runs_eagerly = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 class Algorithm(Optimizer):

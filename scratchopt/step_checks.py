@@ -139,8 +139,21 @@ def required_state_keys(
 
 
 def group_settings(group: dict[str, Any]) -> tuple[Any, ...]:
-    """The group's settings (every key but its params) as a tuple, for :func:`required_state_keys`."""
-    return tuple((k, v) for k, v in group.items() if k != "params" and k != "param_names")
+    """The group's settings (every key but its params) as a tuple, for :func:`required_state_keys`: a
+    float by its sign only, a tensor by its dtype. The state an algorithm creates depends on its flags
+    and on whether a coefficient is zero (``momentum > 0``), never on a magnitude that a scheduler moves
+    every step (``lr``), so a schedule finds the keys once."""
+    return tuple((k, _setting(v)) for k, v in group.items() if k != "params" and k != "param_names")
+
+
+def _setting(value: Any) -> Any:
+    if isinstance(value, float):
+        return (value > 0) - (value < 0)
+    if isinstance(value, Tensor):
+        return value.dtype
+    if isinstance(value, tuple):
+        return tuple(_setting(v) for v in value)
+    return value
 
 
 _REQUIRED: dict[Any, frozenset[str] | None] = {}

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from scratchopt.distributed.dtensor import local_shards
-from scratchopt.step_checks import required_state_keys
+from scratchopt.step_checks import group_settings, required_state_keys
 from scratchopt.strategies.base import Hyperparameters, Strategy, state_tensors
 from scratchopt.strategies.compiled import KERNEL_ULP, as_1d
 from scratchopt.strategies.kernels import cache, native, runtime, tracing
@@ -65,15 +65,34 @@ def _requirements(optimizer: ScratchOptimizer, group: dict[str, Any], count: boo
     """What the native pass requires of every param's state (so that it declines where the general path
     raises KeyError): a mask over the state keys (and the step, where it is counted) and the other keys."""
     params = group["params"]
-    # An elementwise update's state keys do not depend on the param's dimensions: its first param tells.
-    required = required_state_keys(optimizer, group, params[0]) if params else None
-    if required is None:
+    if not params:
         return 0, ()
-    keys = optimizer.state_keys
-    mask = sum(1 << index for index, key in enumerate(keys) if key in required)
-    if count and "step" in required:
-        mask |= 1 << len(keys)
-    return mask, tuple(sorted(required.difference(keys, ("step",) if count else ())))
+    # An elementwise update's state keys do not depend on the param's dimensions: its first param tells.
+    first = params[0]
+    settings = group_settings(group)
+    key = (type(optimizer), settings, first.dtype, first.dim(), count)
+    try:
+        return _REQUIREMENTS[key]
+    except (KeyError, TypeError):
+        pass
+    required = required_state_keys(optimizer, group, first, settings)
+    found: tuple[int, tuple[str, ...]] = (0, ())
+    if required is not None:
+        keys = optimizer.state_keys
+        mask = sum(1 << index for index, name in enumerate(keys) if name in required)
+        if count and "step" in required:
+            mask |= 1 << len(keys)
+        found = mask, tuple(sorted(required.difference(keys, ("step",) if count else ())))
+    try:
+        if len(_REQUIREMENTS) > 4096:
+            _REQUIREMENTS.clear()
+        _REQUIREMENTS[key] = found
+    except TypeError:  # a setting that cannot be hashed
+        pass
+    return found
+
+
+_REQUIREMENTS: dict[tuple[Any, ...], tuple[int, tuple[str, ...]]] = {}
 
 
 class Fused(Strategy):
