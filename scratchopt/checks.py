@@ -61,6 +61,14 @@ def check_betas(betas: tuple[Any, Any]) -> None:
         require(0.0 <= beta < 1.0, f"beta parameter at index {index}", beta, f"0 <= betas[{index}] < 1")
 
 
+def check_adam_arguments(lr: Any, eps: float, betas: tuple[Any, Any], weight_decay: float) -> None:
+    """The checks every Adam-like constructor makes, in torch's order: lr, eps, betas, weight_decay."""
+    check_lr(lr)
+    check_eps(eps)
+    check_betas(betas)
+    check_nonnegative(weight_decay, "weight_decay")
+
+
 def require_closure(optimizer: torch.optim.Optimizer, closure: Any, returns: str) -> None:
     """torch's LBFGS raises TypeError for a missing closure; so do we, with a message that says why."""
     if closure is None or not callable(closure):

@@ -154,16 +154,26 @@ def run_side_by_side(
     make_params: Callable[[torch.dtype], list[torch.Tensor]] | None = None,
     ours_kwargs: dict[str, Any] | None = None,
     check_every_step: bool = True,
+    reference: Callable[..., torch.optim.Optimizer] | None = None,
+    schedule: bool = False,
     **tolerance: Any,
 ) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
-    """Run ours and torch's for-loop on identical params and gradients; compare after every step."""
+    """Run ours and torch's for-loop (or ``reference``, a reference package's class, called with the same
+    arguments) on identical params and gradients; compare after every step. ``schedule``: a StepLR
+    halves every group's lr every two steps in both."""
     theirs_params = make_params(dtype) if make_params is not None else params_for(name, dtype)
     ours_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in theirs_params]
-    theirs = getattr(torch.optim, name)(
-        hard_groups(theirs_params), **cpu_kwargs(copy.deepcopy(kwargs)), **torch_loop_kwargs(name)
-    )
+    if reference is None:
+        theirs = getattr(torch.optim, name)(
+            hard_groups(theirs_params), **cpu_kwargs(copy.deepcopy(kwargs)), **torch_loop_kwargs(name)
+        )
+    else:
+        theirs = reference(hard_groups(theirs_params), **copy.deepcopy(kwargs))
     ours = getattr(scratchopt, name)(
         hard_groups(ours_params), **cpu_kwargs(copy.deepcopy(kwargs)), **(ours_kwargs or {})
+    )
+    schedulers = (
+        [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (theirs, ours)] if schedule else []
     )
     for step in range(steps):
         for p_ours, p_theirs, grad in zip(ours_params, theirs_params, gradients(theirs_params, step)):
@@ -171,6 +181,8 @@ def run_side_by_side(
             p_ours.grad = None if grad is None else _like(grad, p_ours)
         theirs.step()
         ours.step()
+        for scheduler in schedulers:
+            scheduler.step()
         if check_every_step or step == steps - 1:
             assert_optimizers_equal(ours, theirs, ours_params, theirs_params, f"{name} step {step}", **tolerance)
     return ours, theirs, ours_params, theirs_params

@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt.checks import check_betas, check_eps, check_lr, check_nonnegative, check_tensor_hyperparameter
+from scratchopt.checks import check_adam_arguments, check_tensor_hyperparameter
 from scratchopt.ops import as_real, cast_like, zeros_like
 from scratchopt.optimizer import ScratchOptimizer, new_step_counter, squeeze_scalar
 
@@ -106,10 +106,7 @@ class Adam(ScratchOptimizer):
         impl: str | None = None,
     ) -> None:
         check_tensor_hyperparameter(lr, "lr", foreach=foreach, capturable=capturable)
-        check_lr(lr)
-        check_eps(eps)
-        check_betas(betas)
-        check_nonnegative(weight_decay, "weight_decay")
+        check_adam_arguments(lr, eps, betas, weight_decay)
         if not all(isinstance(beta, float) for beta in betas) and not all(isinstance(beta, Tensor) for beta in betas):
             raise ValueError("betas must be either both floats or both Tensors")
         for index, beta in enumerate(betas):

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import Tensor
 
-from scratchopt.checks import check_betas, check_eps, check_lr, check_nonnegative
+from scratchopt.checks import check_adam_arguments
 from scratchopt.ops import as_real, zeros_like
 from scratchopt.optimizer import ScratchOptimizer, new_step_counter
 
@@ -89,10 +89,7 @@ class Adamax(ScratchOptimizer):
         capturable: bool = False,
         impl: str | None = None,
     ) -> None:
-        check_lr(lr)
-        check_eps(eps)
-        check_betas(betas)
-        check_nonnegative(weight_decay, "weight_decay")
+        check_adam_arguments(lr, eps, betas, weight_decay)
         defaults = {
             "lr": lr,
             "betas": betas,

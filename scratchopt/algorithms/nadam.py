@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt.checks import check_betas, check_eps, check_lr, check_nonnegative
+from scratchopt.checks import check_adam_arguments, check_nonnegative
 from scratchopt.ops import as_real, count_counters, get_value, read_scalars, scale_scalars, zeros_like
 from scratchopt.optimizer import (
     ScratchOptimizer,
@@ -131,10 +131,7 @@ class NAdam(ScratchOptimizer):
         differentiable: bool = False,
         impl: str | None = None,
     ) -> None:
-        check_lr(lr)
-        check_eps(eps)
-        check_betas(betas)
-        check_nonnegative(weight_decay, "weight_decay")
+        check_adam_arguments(lr, eps, betas, weight_decay)
         check_nonnegative(momentum_decay, "momentum_decay")
         defaults = {
             "lr": lr,
