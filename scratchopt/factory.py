@@ -62,6 +62,14 @@ def create(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(f"create: {type(model).__name__} has no trainable parameters")
+    if getattr(cls, "takes", "any") == "matrices" and any(p.dim() != 2 for _, p in named):
+        not_matrices = [n for n, p in named if p.dim() != 2]
+        listed = ", ".join(not_matrices[:4]) + (", …" if len(not_matrices) > 4 else "")
+        raise ValueError(
+            f"create: {cls.__name__} takes 2-d weight matrices only, and {type(model).__name__} has others "
+            f"({listed}); build it over the matrices and "
+            "another optimizer (AdamW, say) over the rest"
+        )
     if "weight_decay" not in inspect.signature(cls).parameters:
         if weight_decay is not None:
             raise TypeError(f"create: {cls.__name__} takes no weight_decay")

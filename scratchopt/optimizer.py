@@ -325,7 +325,12 @@ class ScratchOptimizer(Algorithm):
             )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("default_impl", state.pop("impl", "loop"))  # an older pickle named it impl
+        # torch's load_state_dict calls this with the state and groups only: what the optimizer holds
+        # besides them stays. An unpickled one takes its own (an older pickle named it impl).
+        if "impl" in state:
+            state.setdefault("default_impl", state.pop("impl"))
+        if "default_impl" not in state and not hasattr(self, "default_impl"):
+            state["default_impl"] = "loop"
         super().__setstate__(state)
         self.register_load_state_dict_post_hook(_forget_strategy_data)
         group_defaults = {

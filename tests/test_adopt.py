@@ -68,3 +68,6 @@ def test_a_state_dict_moves_between_scratchopt_and_the_reference():
     theirs.load_state_dict(ours.state_dict())
     assert theirs.state[theirs.param_groups[0]["params"][0]]["step"].item() == 3
     assert pickle.loads(pickle.dumps(ours)).clip_lambda is scratchopt.algorithms.adopt.default_clip
+    unclipped = scratchopt.ADOPT(params, lr=0.01, clip_lambda=None)
+    unclipped.load_state_dict(ours.state_dict())  # torch's load_state_dict keeps what is not state
+    assert unclipped.clip_lambda is None and pickle.loads(pickle.dumps(unclipped)).clip_lambda is None

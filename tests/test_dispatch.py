@@ -289,6 +289,9 @@ def test_each_group_runs_the_impl_it_records_and_an_edit_takes_effect(monkeypatc
     )
     optimizer.load_state_dict(theirs.state_dict())  # torch's groups: fused=True and no impl
     assert optimizer.impl == "fused" and step() == ["fused", "fused"]
+    unflagged = scratchopt.AdamW([torch.randn(4, requires_grad=True)], impl="foreach")
+    unflagged.load_state_dict(torch.optim.AdamW([torch.randn(4, requires_grad=True)]).state_dict())
+    assert unflagged.default_impl == unflagged.impl == "foreach"  # torch's flags say nothing: ours stays
     optimizer.param_groups[1]["impl"] = "fast"
     before = [p.detach().clone() for p in params]
     with pytest.raises(ValueError, match="Invalid impl value: 'fast'"):

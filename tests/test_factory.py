@@ -59,6 +59,8 @@ def test_a_custom_rule_and_an_algorithm_without_weight_decay():
         scratchopt.create(TinyLM(), "rprop", weight_decay=0.1)
     with pytest.raises(ValueError, match="no algorithm called 'adamx'; the registered ones are"):
         scratchopt.create(TinyLM(), "adamx")
+    with pytest.raises(ValueError, match=r"Muon takes 2-d weight matrices only, and TinyLM has others \(norm.weight"):
+        scratchopt.create(TinyLM(), "muon")
 
 
 def _model_for(cls: type) -> nn.Module:

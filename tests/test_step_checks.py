@@ -3,6 +3,7 @@ step changes anything, under every strategy (:mod:`scratchopt.step_checks`)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -19,17 +20,25 @@ from scratchopt.testing import hard_params_for
 _STEPPED = [name for name, cls in ALGORITHMS.items() if not cls.needs_closure and cls.takes != "sparse gradients"]
 
 
-@pytest.fixture(params=["runtime", "python"])
+#: Each strategy with the native runtime built, and fused also without it (the only strategy whose
+#: checks take another path there: its native pass declines, and the general path raises).
+_IMPLS = [pytest.param(impl, "runtime", id=f"{impl}-runtime") for impl in NAMES] + [
+    pytest.param("fused", "python", id="fused-python")
+]
+
+
+@pytest.fixture
 def tables(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """With the native runtime (its pass over the group declines, the general path raises) and without."""
-    if request.param == "runtime":
+    """The runtime mode of the test's ``impl, mode`` parameters."""
+    mode = request.node.callspec.params["mode"]
+    if mode == "runtime":
         if runtime.ready() is None:
             runtime._build(in_process=True)
         assert runtime.ready() is not None
     else:
         monkeypatch.setattr(runtime, "get", lambda: None)
         monkeypatch.setattr(runtime, "ready", lambda: None)
-    return str(request.param)
+    return str(mode)
 
 
 def _trained(name: str, impl: str, **kwargs: Any) -> tuple[Any, list[Tensor]]:
@@ -63,9 +72,9 @@ def _assert_unchanged(optimizer: Any, params: list[Tensor], before: list[Any]) -
             assert same, f"param {index}: state[{key!r}] changed"
 
 
-@pytest.mark.parametrize("impl", NAMES)
+@pytest.mark.parametrize(("impl", "mode"), _IMPLS)
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_switching_amsgrad_on_raises_key_error_before_anything_changes(name, impl, tables):
+def test_switching_amsgrad_on_raises_key_error_before_anything_changes(name, impl, mode, tables):
     optimizer, params = _trained(name, impl)
     optimizer.param_groups[0]["amsgrad"] = True
     before = _snapshot(optimizer, params)
@@ -74,9 +83,9 @@ def test_switching_amsgrad_on_raises_key_error_before_anything_changes(name, imp
     _assert_unchanged(optimizer, params, before)
 
 
-@pytest.mark.parametrize("impl", NAMES)
+@pytest.mark.parametrize(("impl", "mode"), _IMPLS)
 @pytest.mark.parametrize("name", _STEPPED)
-def test_a_loaded_state_without_a_key_raises_key_error_naming_it(name, impl, tables):
+def test_a_loaded_state_without_a_key_raises_key_error_naming_it(name, impl, mode, tables):
     optimizer, params = _trained(name, impl)
     keys = sorted(optimizer.state[params[1]])
     if len(keys) == 1:
@@ -96,10 +105,13 @@ def test_a_loaded_state_without_a_key_raises_key_error_naming_it(name, impl, tab
         optimizer.load_state_dict(restored)
 
 
-@pytest.mark.parametrize("impl", NAMES)
-@pytest.mark.parametrize("case", ["float64 gradient", "broadcastable gradient", "state of another shape"])
+@pytest.mark.parametrize(("impl", "mode"), _IMPLS)
+@pytest.mark.parametrize(
+    "case",
+    ["float64 gradient", "broadcastable gradient", "transposed gradient", "state of another shape", "transposed state"],
+)
 @pytest.mark.parametrize("name", _STEPPED)
-def test_a_mismatched_gradient_or_state_raises_runtime_error_before_anything_changes(name, case, impl, tables):
+def test_a_mismatched_gradient_or_state_raises_runtime_error_before_anything_changes(name, case, impl, mode, tables):
     optimizer, params = _trained(name, impl)
     target = params[0]  # a (5, 4) matrix
     if case == "float64 gradient":
@@ -108,13 +120,17 @@ def test_a_mismatched_gradient_or_state_raises_runtime_error_before_anything_cha
     elif case == "broadcastable gradient":
         target.grad.data = torch.ones(target.shape[-1])
         expected = r"gradient of parameter 0 .*\(4,\)"
+    elif case == "transposed gradient":  # as many elements, another shape
+        target.grad.data = torch.ones(target.shape[::-1])
+        expected = r"gradient of parameter 0 .*\(4, 5\)"
     else:
         state = optimizer.state[target]
         key = next((k for k in optimizer.state_keys if isinstance(state.get(k), Tensor)), None)
         if key is None or not optimizer.elementwise:
             pytest.skip(f"{name} keeps no param-shaped state tensor")
-        state[key] = torch.zeros(target.numel())
-        expected = rf"state\[{key!r}\] of parameter 0 has shape \(20,\)"
+        shape = (target.numel(),) if case == "state of another shape" else target.shape[::-1]
+        state[key] = torch.zeros(shape)
+        expected = rf"state\[{key!r}\] of parameter 0 has shape {re.escape(str(tuple(shape)))}"
     before = _snapshot(optimizer, params)
     with pytest.raises(RuntimeError, match=expected):
         optimizer.step()
@@ -132,8 +148,8 @@ def test_the_message_names_a_named_parameter_and_its_group():
         optimizer.step()
 
 
-@pytest.mark.parametrize("impl", NAMES)
-def test_bad_input_in_one_group_leaves_every_group_unchanged(impl, tables):
+@pytest.mark.parametrize(("impl", "mode"), _IMPLS)
+def test_bad_input_in_one_group_leaves_every_group_unchanged(impl, mode, tables):
     """Every group is checked before any is updated: no step is half-done across groups either."""
     first, second = [torch.randn(5, 4, requires_grad=True)], [torch.randn(3, requires_grad=True)]
     optimizer = scratchopt.AdamW([{"params": first}, {"params": second, "lr": 0.5}], impl=impl)
@@ -145,5 +161,21 @@ def test_bad_input_in_one_group_leaves_every_group_unchanged(impl, tables):
     second[0].grad.data = torch.ones(3, dtype=torch.float64)
     before = _snapshot(optimizer, params)
     with pytest.raises(RuntimeError, match="gradient of parameter 0 of param group 1"):
+        optimizer.step()
+    _assert_unchanged(optimizer, params, before)
+
+
+@pytest.mark.parametrize(("impl", "mode"), _IMPLS)
+def test_a_group_whose_settings_cannot_be_read_leaves_every_group_unchanged(impl, mode, tables):
+    first, second = [torch.randn(5, 4, requires_grad=True)], [torch.randn(3, requires_grad=True)]
+    optimizer = scratchopt.Adam([{"params": first}, {"params": second}], impl=impl)
+    params = first + second
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    optimizer.param_groups[1]["betas"] = (0.9, 0.99, 0.5)  # one too many
+    before = _snapshot(optimizer, params)
+    with pytest.raises(ValueError):
         optimizer.step()
     _assert_unchanged(optimizer, params, before)

@@ -145,7 +145,11 @@ class ADOPT(ScratchOptimizer):
         return {**super().__getstate__(), "clip_lambda": self.clip_lambda}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.clip_lambda = state.pop("clip_lambda", default_clip)
+        # torch's load_state_dict calls this with the state and groups only: the clip stays as it is.
+        if "clip_lambda" in state:
+            self.clip_lambda = state.pop("clip_lambda")
+        elif not hasattr(self, "clip_lambda"):
+            self.clip_lambda = default_clip
         super().__setstate__(state)
 
     def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:

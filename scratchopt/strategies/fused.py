@@ -120,9 +120,10 @@ class Fused(Strategy):
         if tables.status != -1:
             return None  # nothing changed: the general path decides (and raises for bad input)
 
+        hyperparameters = optimizer.update_arguments(group)  # read while planning: it may raise
+
         def step() -> None:
             params = tables.params
-            hyperparameters = optimizer.update_arguments(group)
             if not default_count:
                 # The algorithm's own bookkeeping may create state (SGD's momentum buffer): the table is
                 # read again after it.

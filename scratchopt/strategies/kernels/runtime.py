@@ -122,7 +122,7 @@ struct Tables {
         row.dtype = p.scalar_type();
         if ((row.dtype != at::kFloat && row.dtype != at::kDouble) || !p.device().is_cpu() || !p.is_contiguous()) continue;
         if (g.layout() != at::kStrided || !g.has_storage() || g.key_set().has(c10::DispatchKey::Python) ||
-            g.scalar_type() != row.dtype || !g.device().is_cpu() || !g.is_contiguous() || g.numel() != p.numel()) {
+            g.scalar_type() != row.dtype || !g.device().is_cpu() || !g.is_contiguous() || g.sizes() != p.sizes()) {
           continue;
         }
         PyObject* param_state = item(state_dict, param, (Py_hash_t)(uintptr_t)param);  // no defaultdict insertion
@@ -137,7 +137,7 @@ struct Tables {
           if (value == nullptr || value == Py_None) continue;
           const at::Tensor* s = is_plain(value) ? &THPVariable_Unpack(value) : nullptr;
           ok = s != nullptr && s->scalar_type() == row.dtype && s->device().is_cpu() && s->is_contiguous() &&
-               s->numel() == row.numel;
+               s->sizes() == p.sizes();
           if (ok) {
             row.present |= uint64_t(1) << key;
             out[2 + __builtin_popcountll(row.present) - 1] = s->data_ptr();
