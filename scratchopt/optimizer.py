@@ -96,9 +96,6 @@ def shared_arguments(arguments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [seen.setdefault(tuple(a.items()), a) for a in arguments]
 
 
-_NO_ARGUMENTS: dict[str, Any] = {}
-
-
 def squeeze_scalar(value: Any) -> Any:
     """A 1-element tensor hyperparameter becomes 0-d, as torch does before its arithmetic."""
     if isinstance(value, Tensor) and value.dim() != 0:
@@ -219,8 +216,6 @@ class ScratchOptimizer(Algorithm):
     group_defaults: ClassVar[dict[str, Any]] = {}
     #: 0-d state tensors an older version saved as Python numbers.
     scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
-    #: Whether ``update`` takes the counted ``step`` (Rprop counts it, as torch does, but never reads it).
-    step_is_argument: ClassVar[bool] = True
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
     update: ClassVar[Callable[..., None]]
@@ -377,7 +372,14 @@ class ScratchOptimizer(Algorithm):
         if "step" not in state:
             return {}
         state["step"] += 1
-        return {"step": state["step"]} if self.step_is_argument else {}
+        return self.step_arguments(state["step"], group)
+
+    def step_arguments(self, step: Any, group: dict[str, Any]) -> dict[str, Any]:
+        """The per-parameter arguments of ``update`` at the just-counted step t (a 0-d tensor, or a
+        Python number where a strategy counted many at once): ``{"step": t}`` by default. An algorithm
+        whose update takes functions of t computed in Python (schedules, bias corrections) returns those
+        instead, and every strategy, the native count of ``fused`` included, still counts t itself."""
+        return {"step": step}
 
     def states_of(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
         """Each param's state, initialised where it is empty (the first part of :meth:`count_step`)."""
@@ -398,12 +400,15 @@ class ScratchOptimizer(Algorithm):
             states = self.states_of(params, group)
             counted = count_counters([state.get("step") for state in states])
             if counted is not None:
-                if not self.step_is_argument:
-                    return [_NO_ARGUMENTS] * len(params)
-                return shared_arguments([{"step": value} for value in counted])
+                return self.arguments_of_steps(counted, group)
         return [
             {k: v.item() if isinstance(v, Tensor) else v for k, v in self.count_step(p, group).items()} for p in params
         ]
+
+    def arguments_of_steps(self, steps: list[float], group: dict[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`step_arguments` for each counted step, computed once per distinct step and shared."""
+        found = {t: self.step_arguments(t, group) for t in set(steps)}
+        return [found[t] for t in steps]
 
     def check_grad(self, param: Tensor) -> None:
         """Raise torch's error for a gradient this algorithm refuses (sparse ones, unless it takes them)."""

@@ -136,11 +136,14 @@ def assert_optimizers_equal(
     ours_params: list[torch.Tensor],
     their_params: list[torch.Tensor],
     what: str,
+    ours_only: tuple[str, ...] = (),
     **tolerance: Any,
 ) -> None:
+    """Equal params and state; ``ours_only``: state keys the other keeps elsewhere (a per-group count)."""
     for index, (a, b) in enumerate(zip(ours_params, their_params)):
         assert_same(a.detach(), b.detach(), f"{what}: param {index}", **tolerance)
-        state_a, state_b = ours.state.get(a, {}), theirs.state.get(b, {})
+        state_a = {k: v for k, v in ours.state.get(a, {}).items() if k not in ours_only}
+        state_b = theirs.state.get(b, {})
         assert set(state_a) == set(state_b), f"{what}: param {index} state keys {set(state_a)} != {set(state_b)}"
         for key in state_b:
             assert_same(state_a[key], state_b[key], f"{what}: param {index} state[{key!r}]", **tolerance)
@@ -156,6 +159,7 @@ def run_side_by_side(
     check_every_step: bool = True,
     reference: Callable[..., torch.optim.Optimizer] | None = None,
     schedule: bool = False,
+    ours_only: tuple[str, ...] = (),
     **tolerance: Any,
 ) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
     """Run ours and torch's for-loop (or ``reference``, a reference package's class, called with the same
@@ -184,5 +188,7 @@ def run_side_by_side(
         for scheduler in schedulers:
             scheduler.step()
         if check_every_step or step == steps - 1:
-            assert_optimizers_equal(ours, theirs, ours_params, theirs_params, f"{name} step {step}", **tolerance)
+            assert_optimizers_equal(
+                ours, theirs, ours_params, theirs_params, f"{name} step {step}", ours_only, **tolerance
+            )
     return ours, theirs, ours_params, theirs_params

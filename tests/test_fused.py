@@ -511,7 +511,7 @@ def test_a_recording_is_freed_without_the_garbage_collector():
 
 
 @pytest.mark.parametrize("tables", ["python", "runtime"])
-@pytest.mark.parametrize("name", ["NAdam", "ASGD", "Rprop", "Adam", "SGD"])
+@pytest.mark.parametrize("name", ["NAdam", "ASGD", "Rprop", "Adam", "SGD", "ADOPT", "AdEMAMix"])
 def test_a_groups_bookkeeping_at_once_is_count_step_for_each_param(name, tables, request):
     """``count_steps`` (a whole group, by multi-tensor or native ops on the 0-d state) leaves the state and
     returns the arguments that ``count_step`` gives param by param, bit for bit, with a param that misses

@@ -51,8 +51,8 @@ from typing import Any
 from torch import Tensor
 
 from scratchopt.checks import check_adam_arguments
-from scratchopt.ops import as_real, count_counters, get_value, zeros_like
-from scratchopt.optimizer import ScratchOptimizer, new_step_counter, shared_arguments
+from scratchopt.ops import as_real, get_value, zeros_like
+from scratchopt.optimizer import ScratchOptimizer, new_step_counter
 
 
 def default_clip(step: float) -> float:
@@ -155,18 +155,6 @@ class ADOPT(ScratchOptimizer):
     def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"step": new_step_counter(param, group), "exp_avg": zeros_like(param), "exp_avg_sq": zeros_like(param)}
 
-    def _clip(self, step: float) -> float | None:
-        return None if self.clip_lambda is None else self.clip_lambda(step - 1)  # c(s), s = t − 1
-
-    def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        prepared = super().count_step(param, group)  # t ← t + 1
-        return {**prepared, "clip": self._clip(get_value(prepared["step"]))}
-
-    def count_steps(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
-        # count_step for a whole group: every t advanced at once, c evaluated once per distinct t.
-        states = self.states_of(params, group)
-        steps = count_counters([state["step"] for state in states])
-        if steps is None:
-            return super().count_steps(params, group)
-        clips = {t: self._clip(t) for t in set(steps)}
-        return shared_arguments([{"step": t, "clip": clips[t]} for t in steps])
+    def step_arguments(self, step: Any, group: dict[str, Any]) -> dict[str, Any]:
+        clip = None if self.clip_lambda is None else self.clip_lambda(get_value(step) - 1)  # c(s), s = t − 1
+        return {"step": step, "clip": clip}

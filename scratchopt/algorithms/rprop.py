@@ -84,7 +84,6 @@ class Rprop(ScratchOptimizer):
     update = staticmethod(update)
     elementwise = True
     torch_twin = "Rprop"
-    step_is_argument = False  # t ← t + 1 is counted, as torch does, and never read
 
     def __init__(
         self,
@@ -108,6 +107,9 @@ class Rprop(ScratchOptimizer):
             "maximize": maximize,
         }
         super().__init__(params, defaults, impl, foreach=foreach, differentiable=differentiable, capturable=capturable)
+
+    def step_arguments(self, step: Any, group: dict[str, Any]) -> dict[str, Any]:
+        return {}  # t is counted, as torch does, and never read
 
     def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         lr = get_value(squeeze_scalar(group["lr"]))

@@ -61,6 +61,16 @@ def _kernel_tensors(param: Tensor, grad: Tensor, states: list[Tensor | None]) ->
     return views
 
 
+def _counted(optimizer: ScratchOptimizer, group: dict[str, Any], tables: Any) -> list[dict[str, Any]]:
+    """Each param's arguments once the native pass counted its step (shared where the steps agree)."""
+    if not tables.counted:
+        return [{}] * tables.size()
+    steps = tables.steps
+    if tables.uniform:
+        return [optimizer.step_arguments(steps[0], group)] * len(steps)
+    return optimizer.arguments_of_steps(steps, group)
+
+
 def _requirements(optimizer: ScratchOptimizer, group: dict[str, Any], count: bool) -> tuple[int, tuple[str, ...]]:
     """What the native pass requires of every param's state (so that it declines where the general path
     raises KeyError): a mask over the state keys (and the step, where it is counted) and the other keys."""
@@ -135,12 +145,7 @@ class Fused(Strategy):
                 self.launch_or_update(optimizer, group, counted, params, hyperparameters, values)
                 return
             tables.advance()
-            if tables.counted and optimizer.step_is_argument:
-                steps = tables.steps
-                values = [{"step": steps[0]}] * len(params) if tables.uniform else [{"step": s} for s in steps]
-            else:
-                values = [{}] * len(params)
-            self.launch_or_update(optimizer, group, tables, params, hyperparameters, values)
+            self.launch_or_update(optimizer, group, tables, params, hyperparameters, _counted(optimizer, group, tables))
 
         return step
 
@@ -169,11 +174,7 @@ class Fused(Strategy):
             if tables.status == -1:
                 tables.advance()
                 if default_count:
-                    steps = tables.steps
-                    if tables.counted and optimizer.step_is_argument:
-                        values = [{"step": step} for step in steps]
-                    else:
-                        values = [{}] * len(params)
+                    values = _counted(optimizer, group, tables)
                 assert values is not None
                 if self.launch(optimizer, tables, params, hyperparameters, values):
                     return
