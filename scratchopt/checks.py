@@ -56,7 +56,7 @@ def check_eps(eps: Any) -> None:
     require(0.0 <= eps, "epsilon value", eps, "eps >= 0")
 
 
-def check_betas(betas: tuple[Any, Any]) -> None:
+def check_betas(betas: tuple[Any, ...]) -> None:
     for index, beta in enumerate(betas):
         require(0.0 <= beta < 1.0, f"beta parameter at index {index}", beta, f"0 <= betas[{index}] < 1")
 

@@ -26,6 +26,19 @@ SPARSE_ALGORITHMS = {
 }
 
 
+def gradients_every_step(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
+    """A gradient for every trainable param at every step: where a reference package counts t per param
+    group, its t is then every param's t (``run_side_by_side`` takes them by monkeypatching
+    ``gradients``)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [
+        _like(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) + 0.1 * p.detach(), p)
+        if p.requires_grad
+        else None
+        for p in params
+    ]
+
+
 def implemented() -> list[str]:
     return ALGORITHMS
 

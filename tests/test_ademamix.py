@@ -14,7 +14,7 @@ from parity import run_side_by_side
 from torch import Tensor
 
 import scratchopt
-from scratchopt.testing import check_optimizer, grad_like, hard_params
+from scratchopt.testing import check_optimizer, hard_params
 
 CONFIGS = {
     "default": {},
@@ -30,17 +30,6 @@ CONFIGS = {
 }
 
 
-def _every_step_gradients(params: list[Tensor], step: int) -> list[Tensor | None]:
-    """A gradient for every trainable param at every step: then a per-group t is every param's t."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    return [
-        grad_like(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) + 0.1 * p.detach(), p)
-        if p.requires_grad
-        else None
-        for p in params
-    ]
-
-
 def _reference(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
     return pytorch_optimizer.AdEMAMix(params, **kwargs, foreach=False)
 
@@ -50,7 +39,7 @@ def _reference(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 def test_the_loop_is_pytorch_optimizers_per_parameter_path(config, dtype, monkeypatch):
     import parity
 
-    monkeypatch.setattr(parity, "gradients", _every_step_gradients)
+    monkeypatch.setattr(parity, "gradients", parity.gradients_every_step)
     run_side_by_side(
         "AdEMAMix", CONFIGS[config], dtype, steps=8, reference=_reference, schedule=True, ours_only=("step",)
     )

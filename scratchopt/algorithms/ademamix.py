@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scratchopt.checks import check_lr, check_nonnegative, require
+from scratchopt.checks import check_betas, check_lr, check_nonnegative
 from scratchopt.ops import as_real, get_value, zeros_like
 from scratchopt.optimizer import ScratchOptimizer, new_step_counter
 
@@ -138,8 +138,7 @@ class AdEMAMix(ScratchOptimizer):
         impl: str | None = None,
     ) -> None:
         check_lr(lr)
-        for index, beta in enumerate(betas):
-            require(0.0 <= beta < 1.0, f"beta parameter at index {index}", beta, f"0 <= betas[{index}] < 1")
+        check_betas(betas)
         check_nonnegative(alpha, "alpha")
         if t_alpha_beta3 is not None:
             check_nonnegative(t_alpha_beta3, "t_alpha_beta3")
