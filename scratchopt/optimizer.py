@@ -184,6 +184,9 @@ class Algorithm(Optimizer):
 
     #: The ``torch.optim`` class this algorithm reproduces bit for bit, by name; None for none.
     torch_twin: ClassVar[str | None] = None
+    #: The reference implementation it is proven against, outside torch, as ``"module:Class"`` (a test
+    #: dependency only: the benchmark runs it beside ours where it is installed).
+    reference_class: ClassVar[str | None] = None
     #: ``step`` requires a closure.
     needs_closure: ClassVar[bool] = False
     #: The params and gradients it accepts: any dense ones, matrices only, or sparse gradients only.

@@ -22,7 +22,8 @@ from scratchopt.tools.bench.run import run_bench
 from scratchopt.tools.presets import PRESETS
 
 PRESET = replace(PRESETS["quick"], mlp_layers=6, warmup_steps=1, rounds=2, steps_per_round=1)
-COLUMNS = columns.preset_columns(PRESET)
+#: The columns that run every row (a peer column runs only the rows it has: DeepSpeed Adam, reference packages).
+COLUMNS = [column for column in columns.preset_columns(PRESET) if column not in columns.PEER_COLUMNS]
 STEPS = 1 + PRESET.warmup_steps + PRESET.rounds * PRESET.steps_per_round
 
 
@@ -225,7 +226,7 @@ def test_outputs_are_written(results: dict[str, Any], tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["workload"] == "tiny"
     with open(tmp_path / "bench.csv", newline="") as f:
         lines = list(csv.DictReader(f))
-    assert len(lines) == len(results["rows"]) * len(COLUMNS)
+    assert len(lines) == len(results["rows"]) * len(results["meta"]["columns"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -296,3 +297,15 @@ def test_the_deepspeed_column_runs_only_where_deepspeed_is_installed(monkeypatch
         columns.build_optimizer(columns.DEEPSPEED, rows["AdamW"], model)
     with pytest.raises(ValueError, match="Adam and AdamW only"):
         columns.build_optimizer(columns.DEEPSPEED, rows["SGD"], model)
+
+
+def test_the_reference_package_column_builds_each_algorithms_declared_reference() -> None:
+    rows, _ = columns.algorithm_rows()
+    model = torch.nn.Linear(3, 2)
+    for name in ("ADOPT", "AdEMAMix", "Adan"):
+        optimizer = columns.build_optimizer(columns.REFERENCE, rows[name], model)
+        module_name, _, class_name = ALGORITHMS[name].reference_class.partition(":")
+        assert type(optimizer).__name__ == class_name and type(optimizer).__module__.startswith(module_name)
+    with pytest.raises(ValueError, match="Lion has no reference package"):
+        columns.build_optimizer(columns.REFERENCE, rows["Lion"], model)
+    assert columns.REFERENCE in columns.preset_columns(PRESETS["full"])

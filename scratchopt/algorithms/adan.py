@@ -104,6 +104,7 @@ class Adan(ScratchOptimizer):
     sparse_error = "Adan does not support sparse gradients"
     update = staticmethod(update)
     elementwise = True
+    reference_class = "pytorch_optimizer:Adan"
 
     def __init__(
         self,

@@ -120,6 +120,7 @@ class AdEMAMix(ScratchOptimizer):
     sparse_error = "AdEMAMix does not support sparse gradients"
     update = staticmethod(update)
     elementwise = True
+    reference_class = "pytorch_optimizer:AdEMAMix"
 
     def __init__(
         self,

@@ -103,6 +103,7 @@ class ADOPT(ScratchOptimizer):
     sparse_error = "ADOPT does not support sparse gradients"
     update = staticmethod(update)
     elementwise = True
+    reference_class = "adopt:ADOPT"
 
     def __init__(
         self,

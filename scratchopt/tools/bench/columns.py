@@ -9,8 +9,10 @@ column per scratchopt strategy (``impl=``, from :data:`scratchopt.strategies.NAM
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +66,10 @@ OURS_COLUMNS = tuple(ours(name) for name in strategies.NAMES)
 #: A peer's CPU Adam/AdamW (an AVX-512 C++ extension built on first use), run where it is installed:
 #: the benchmark never depends on it.
 DEEPSPEED = "deepspeed cpu adam"
-PEER_COLUMNS = (DEEPSPEED,)
+#: The reference implementation an algorithm without a torch twin is proven against (its
+#: ``reference_class``), run where that package is installed.
+REFERENCE = "reference package"
+PEER_COLUMNS = (DEEPSPEED, REFERENCE)
 COLUMNS = TORCH_COLUMNS + OURS_COLUMNS + PEER_COLUMNS
 #: Columns whose parameters must equal torch's for-loop bit for bit after the same steps (on the CPU): the
 #: strategies bit-exact with the loop, and the loop.
@@ -73,11 +78,11 @@ BIT_EXACT_COLUMNS = tuple(ours(name) for name, strategy in strategies.STRATEGIES
 
 def preset_columns(preset: Preset) -> list[str]:
     """The columns ``preset`` runs by default (a peer's only where it is installed)."""
-    installed = importlib.util.find_spec("deepspeed") is not None
+    installed = {DEEPSPEED: importlib.util.find_spec("deepspeed") is not None, REFERENCE: True}
     return [
         column
         for column in COLUMNS
-        if column not in preset.excluded_columns and (column not in PEER_COLUMNS or installed)
+        if column not in preset.excluded_columns and (column not in PEER_COLUMNS or installed[column])
     ]
 
 
@@ -128,6 +133,8 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
     """
     if column == DEEPSPEED:
         return _deepspeed_adam(row, model)
+    if column == REFERENCE:
+        return _reference(row, model)
     if column in TORCH_FLAGS:
         twin = row.twin
         if twin is None:
@@ -156,3 +163,16 @@ def _deepspeed_adam(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimize
         adamw_mode=row.cls.__name__ == "AdamW",
     )
     return optimizer
+
+
+def _reference(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
+    """The row's reference package's class, with the row's arguments (its per-tensor loop or its own
+    default implementation, as a user of that package gets it)."""
+    declared = row.cls.reference_class
+    if declared is None:
+        raise ValueError(f"{row.cls.__name__} has no reference package beside torch.optim")
+    module_name, _, class_name = declared.partition(":")
+    if importlib.util.find_spec(module_name) is None:
+        raise ValueError(f"{module_name} is not installed (pip install 'scratchopt[references]')")
+    reference: Callable[..., torch.optim.Optimizer] = getattr(importlib.import_module(module_name), class_name)
+    return reference(model.parameters(), **row.kwargs)
