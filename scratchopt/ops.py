@@ -95,3 +95,19 @@ def _scalars(tensors: list[Any], op: int, values: list[float]) -> list[float] | 
         for tensor, value in zip(tensors, values):
             tensor.fill_(value)
     return torch.stack(tensors).tolist()
+
+
+def global_gradient_norm(grads: list[Tensor], device: torch.device) -> Tensor:
+    """G = the 2-norm of all the gradients, as ``pytorch-optimizer`` sums it (for the global norm of its
+    LAMB and Adan): each tensor's norm (batched where
+    all share a device and a dtype other than float16/bfloat16), squared and summed in float32."""
+    if not grads:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    half = (torch.float16, torch.bfloat16)
+    first = grads[0]
+    batched = first.dtype not in half and all(
+        g.device == first.device and g.dtype == first.dtype and not g.is_sparse for g in grads
+    )
+    norms = torch._foreach_norm(grads) if batched else [(g.float() if g.dtype in half else g).norm() for g in grads]
+    squared = torch.stack([norm.to(device) for norm in norms]).float().square_()
+    return squared.sum().reshape(1).sqrt_()

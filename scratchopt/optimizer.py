@@ -222,6 +222,9 @@ class ScratchOptimizer(Algorithm):
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
     update: ClassVar[Callable[..., None]]
+    #: The keyword arguments of ``update`` that :meth:`reduce` computes (the elementwise check runs the
+    #: update with 1.0 for each).
+    reduced_arguments: ClassVar[tuple[str, ...]] = ()
     #: False while ``__init__`` runs: the groups are checked once the subclass's own set-up is done.
     _constructed: bool = True
 
@@ -312,6 +315,7 @@ class ScratchOptimizer(Algorithm):
         tensors = [probe, probe.grad, *[state.get(key) for key in self.state_keys]]
         scalars = {
             **self.update_arguments(group),
+            **dict.fromkeys(self.reduced_arguments, 1.0),
             **{k: v.item() if isinstance(v, Tensor) else v for k, v in arguments.items()},
         }
         operation = non_elementwise_operation(self.update, tensors, scalars)
@@ -358,6 +362,27 @@ class ScratchOptimizer(Algorithm):
             else:
                 values.update(zip(names, map(squeeze_scalar, group[key]), strict=True))
         return values
+
+    def advance_group(self, group: dict[str, Any]) -> None:
+        """The group's own bookkeeping of one step (a counter or a running sum kept in the group, as
+        Schedule-Free keeps ``k``): the dispatcher calls it once per group and step, after every group
+        is checked and just before the group's update runs, whether or not any of its params has a
+        gradient. :meth:`update_arguments`, read while the step is planned, sees the group as it was
+        before. The default keeps nothing."""
+
+    def reduce(self, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> list[dict[str, Any]] | None:
+        """Sums over parameters that ``update`` needs before it runs (Prodigy's step size estimate, a
+        global gradient norm): called once per step with every group and its params that have a
+        gradient, after all of them are checked and before any is planned. It may update state and
+        group entries, and returns for each group the keyword arguments it adds to the group's
+        hyperparameters, or None to skip the step. Defined only by algorithms that reduce
+        (:attr:`reduces`)."""
+        raise NotImplementedError
+
+    @property
+    def reduces(self) -> bool:
+        """Whether the algorithm defines :meth:`reduce`."""
+        return type(self).reduce is not ScratchOptimizer.reduce
 
     def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The state of a parameter at its first step, keyed as torch keys it."""

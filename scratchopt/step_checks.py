@@ -140,14 +140,15 @@ def required_state_keys(
 
 def group_settings(group: dict[str, Any]) -> tuple[Any, ...]:
     """The group's settings (every key but its params) as a tuple, for :func:`required_state_keys`: a
-    float by its sign only, a tensor by its dtype. The state an algorithm creates depends on its flags
+    number by its sign only, a tensor by its dtype. The state an algorithm creates depends on its flags
     and on whether a coefficient is zero (``momentum > 0``), never on a magnitude that a scheduler moves
-    every step (``lr``), so a schedule finds the keys once."""
+    every step (``lr``) or on a count kept in the group (Schedule-Free's ``k``), so the keys are found
+    once."""
     return tuple((k, _setting(v)) for k, v in group.items() if k != "params" and k != "param_names")
 
 
 def _setting(value: Any) -> Any:
-    if isinstance(value, float):
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
         return (value > 0) - (value < 0)
     if isinstance(value, Tensor):
         return value.dtype

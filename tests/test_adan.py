@@ -10,6 +10,7 @@ import pytorch_optimizer
 import torch
 
 import scratchopt
+from scratchopt.testing import compare_with_loop, hard_params
 
 CONFIGS = {
     "default": {},
@@ -48,6 +49,57 @@ def test_the_first_step_is_adam_like_with_no_difference():
     assert torch.equal(optimizer.state[x]["previous_grad"], -g)
 
 
-def test_global_gradient_clipping_is_refused():
-    with pytest.raises(NotImplementedError, match="max_grad_norm > 0"):
-        scratchopt.Adan([torch.zeros(2, requires_grad=True)], max_grad_norm=1.0)
+def without_0d(dtype: torch.dtype) -> list[torch.Tensor]:
+    """The hard set less its 0-d param, which the reference cannot clip (its c has shape (1,))."""
+    return [p for p in hard_params(dtype) if p.dim() > 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_grad_norm": 1.0}, {"max_grad_norm": 1e3}, {"max_grad_norm": 0.5, "maximize": True, "weight_decay": 0.05}],
+    ids=["clipping", "norm below the limit", "clipping, maximize, decay"],
+)
+def test_global_gradient_clipping_is_the_references(kwargs, dtype, monkeypatch):
+    monkeypatch.setattr(parity, "gradients", parity.gradients_every_step)
+    parity.run_side_by_side(
+        "Adan",
+        kwargs,
+        dtype,
+        steps=6,
+        make_params=without_0d,
+        reference=lambda params, **kw: pytorch_optimizer.Adan(params, **kw, foreach=False),
+        schedule=True,
+        ours_only=("step",),
+    )
+
+
+def kernel_sized(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Params above the kernel threshold (so that compiled and fused run their kernels) and a 0-d one."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=gen, dtype=dtype).requires_grad_() for shape in ((200, 100), (), (100,))]
+
+
+@pytest.mark.parametrize("impl", [name for name in scratchopt.strategies.NAMES if name != "loop"])
+def test_global_gradient_clipping_under_every_strategy(impl):
+    """c = min(1, max_grad_norm/(G + ε)) scales every gradient, 0-d params included: every strategy
+    against the loop."""
+    compare_with_loop(
+        scratchopt.Adan, {"max_grad_norm": 1.0}, impl, steps=4, make_params=kernel_sized, make_groups=list
+    )
+
+
+def test_the_clip_is_the_global_norm_over_every_group():
+    """One step from zero state: m = (1 − β₁)·c·g and p = −c·g with c = max_grad_norm/‖(g₁, g₂)‖."""
+    a, b = (
+        torch.zeros(3, requires_grad=True, dtype=torch.float64),
+        torch.zeros(1, requires_grad=True, dtype=torch.float64),
+    )
+    optimizer = scratchopt.Adan([{"params": [a]}, {"params": [b]}], max_grad_norm=1.0, eps=0.0)
+    a.grad = torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
+    b.grad = torch.tensor([4.0], dtype=torch.float64)
+    optimizer.step()
+    c = 1.0 / 5.0
+    torch.testing.assert_close(optimizer.state[a]["previous_grad"], -c * a.grad)
+    torch.testing.assert_close(optimizer.state[b]["exp_avg"], (1 - 0.98) * c * b.grad)
+    assert torch.equal(optimizer.state[a]["exp_avg_diff"], torch.zeros(3, dtype=torch.float64))

@@ -269,7 +269,7 @@ def test_each_group_runs_the_impl_it_records_and_an_edit_takes_effect(monkeypatc
             return original(optimizer, group, params, hyperparameters)
 
         monkeypatch.setattr(strategy, "update", spy)
-        monkeypatch.setattr(strategy, "plan_group", lambda optimizer, group: None)
+        monkeypatch.setattr(strategy, "plan_group", lambda optimizer, group, extra: None)
     params = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
     optimizer = scratchopt.AdamW([{"params": params[:1]}, {"params": params[1:], "impl": "foreach"}], impl="fused")
 
@@ -299,3 +299,70 @@ def test_each_group_runs_the_impl_it_records_and_an_edit_takes_effect(monkeypatc
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     with pytest.raises(ValueError, match="Invalid impl value"):
         optimizer.add_param_group({"params": [torch.randn(2, requires_grad=True)], "impl": "fast"})
+
+
+class NormalisedSGD(scratchopt.ScratchOptimizer):
+    """θ ← θ − γ·g/‖g‖ with ‖g‖ over every param of every group (a reduction), and a step count kept in
+    each group (group bookkeeping): the two optional hooks of the dispatcher."""
+
+    state_keys = ()
+    hyperparameter_keys = ("lr",)
+    scalar_state_keys = ()
+    reduced_arguments = ("norm",)
+    elementwise = True
+
+    def __init__(self, params: Any, lr: float = 0.1, *, impl: str | None = None) -> None:
+        super().__init__(params, {"lr": lr, "k": 0}, impl)
+        self.reduced: list[int] = []
+
+    @staticmethod
+    def update(param: Tensor, grad: Tensor, *, lr: float, norm: float) -> None:
+        param.add_(grad, alpha=-lr / norm)
+
+    def init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def reduce(self, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> list[dict[str, Any]] | None:
+        self.reduced.append(sum(len(params) for _, params in groups))
+        norm = sum(float(p.grad.square().sum()) for _, params in groups for p in params) ** 0.5
+        return None if norm == 0 else [{"norm": norm} for _ in groups]
+
+    def advance_group(self, group: dict[str, Any]) -> None:
+        group["k"] += 1
+
+
+@pytest.mark.parametrize("impl", NAMES)
+def test_reduce_and_advance_group_see_every_group_once_per_step(impl):
+    params = [torch.full((3,), 1.0, requires_grad=True), torch.full((2,), 2.0, requires_grad=True)]
+    optimizer = NormalisedSGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.2}], impl=impl)
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.tensor([0.0, 4.0])
+    optimizer.step()
+    assert optimizer.reduced == [2]
+    assert [group["k"] for group in optimizer.param_groups] == [1, 1]
+    torch.testing.assert_close(params[0].detach(), torch.tensor([1.0 - 0.1 * 3 / 5, 1.0, 1.0]))
+    torch.testing.assert_close(params[1].detach(), torch.tensor([2.0, 2.0 - 0.2 * 4 / 5]))
+    # A group without gradients is still counted; the reduction sees only the params with one.
+    params[1].grad = None
+    optimizer.step()
+    assert optimizer.reduced == [2, 1]
+    assert [group["k"] for group in optimizer.param_groups] == [2, 2]
+    # The reduction may skip the step: nothing changes, nothing is counted.
+    params[0].grad = torch.zeros(3)
+    before = params[0].detach().clone()
+    optimizer.step()
+    assert torch.equal(params[0].detach(), before)
+    assert [group["k"] for group in optimizer.param_groups] == [2, 2]
+
+
+def test_bad_input_in_a_later_group_runs_neither_hook():
+    params = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+    optimizer = NormalisedSGD([{"params": params[:1]}, {"params": params[1:]}])
+    params[0].grad = torch.ones(3)
+    params[1].grad = torch.ones(2)
+    params[1].grad.data = torch.ones(2, dtype=torch.float64)  # another dtype than its param
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 1"):
+        optimizer.step()
+    assert optimizer.reduced == []
+    assert [group["k"] for group in optimizer.param_groups] == [0, 0]
+    assert torch.equal(params[0].detach(), torch.ones(3))

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from scratchopt.algorithms import ALGORITHMS
+from scratchopt.tools.report import beyond_adamw
 from scratchopt.tools.report.build import SECTIONS, build_report, render_page
 from scratchopt.tools.report.memory import BACKWARD_STEP_STRATEGIES
 
@@ -159,3 +161,33 @@ def test_the_page_names_the_seed_articles_by_title(report: Path) -> None:
     assert not re.search(r"[Ss]eed 00\d", page), "an article is named by its number"
     assert "issue" not in page
     assert "From ZeRO to Hero" in page and "Optimizers: math, implementations and efficiency" in page
+
+
+def test_every_optimizer_beyond_torch_trains_the_gpt_like_model_beside_adamw(report: Path) -> None:
+    """Section 4: AdamW and every algorithm without a torch twin that a plain loop runs; none fails, each
+    loss starts at the same value (same weights, same batch) and is finite, and the figure is written."""
+    beyond = json.loads((report / "results.json").read_text(encoding="utf-8"))["sections"]["beyond"]
+    assert beyond["failed"] == []
+    names = [result["algorithm"] for result in beyond["trained"]]
+    assert names == [cls.__name__ for cls in beyond_adamw.chosen()]
+    assert names[0] == "AdamW" and {"ScheduleFreeAdamW", "Prodigy", "Lamb", "ADOPT"} <= set(names)
+    first_losses = {result["losses"][0] for result in beyond["trained"]}
+    assert len(first_losses) == 1
+    for result in beyond["trained"]:
+        assert len(result["losses"]) == beyond["steps"] and None not in result["losses"], result["algorithm"]
+        assert result["held_out_loss"] is not None
+    assert (report / beyond["figures"]["curves"]).is_file()
+
+
+def test_the_source_entropy_is_the_entropy_rate_of_the_chain() -> None:
+    """A uniform source has entropy log V; a two-state chain has the closed form π₀H(p) + π₁H(q)."""
+    uniform = torch.full((5, 5), 0.2, dtype=torch.float64)
+    assert abs(beyond_adamw.source_entropy(uniform) - math.log(5)) < 1e-12
+    p, q = 0.1, 0.4  # P(0 → 1) = p, P(1 → 0) = q; stationary π = (q, p)/(p + q)
+    chain = torch.tensor([[1 - p, p], [q, 1 - q]], dtype=torch.float64)
+
+    def h(x: float) -> float:
+        return -(x * math.log(x) + (1 - x) * math.log(1 - x))
+
+    expected = (q * h(p) + p * h(q)) / (p + q)
+    assert abs(beyond_adamw.source_entropy(chain) - expected) < 1e-12

@@ -36,9 +36,12 @@ p          —                                ``previous_grad`` (−gₜ₋₁, 
 The reference is ``pytorch-optimizer``'s Adan (its per-parameter path), whose signature, defaults, state
 keys and operation order this module follows: bit for bit equal to it where every param has a gradient
 at every step (``tests/test_adan.py``); like AdEMAMix here, t is counted per param, the reference counts
-per group. Its global gradient-norm clipping (``max_grad_norm > 0``) scales every gradient by a norm over
-all params, a reduction this elementwise update does not make: only ``max_grad_norm=0`` (the default)
-is accepted. As in the reference, p starts from the first gradient before ``maximize`` negates it, so
+per group. Its global gradient-norm clipping (``max_grad_norm > 0``) scales every gradient by
+c = min(1, max_grad_norm/(G + ε)), G the 2-norm of every gradient of every group summed as the
+reference sums it (:meth:`Adan.reduce`; p starts from −c·g₁, so the first difference is still zero);
+each group uses its own ``max_grad_norm`` and ε, where the reference reads its constructor's (the same
+unless a group overrides them). The reference cannot clip a 0-d parameter (its c has shape (1,)); this
+one can. As in the reference, p starts from the first gradient before ``maximize`` negates it, so
 with ``maximize`` the first difference is −2g rather than zero. A complex parameter is updated as its
 real and imaginary parts.
 """
@@ -48,10 +51,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from scratchopt.checks import check_betas, check_lr, check_nonnegative
-from scratchopt.ops import as_real, get_value, zeros_like
+from scratchopt.ops import as_real, get_value, global_gradient_norm, zeros_like
 from scratchopt.optimizer import ScratchOptimizer, new_step_counter
 
 
@@ -74,12 +78,15 @@ def update(
     weight_decay: float,
     weight_decouple: bool,
     maximize: bool,
+    grad_scale: Any = None,
 ) -> None:
     if maximize:
         grad = -grad  # g ← −g
     param, grad, exp_avg, exp_avg_sq, exp_avg_diff, previous_grad = as_real(
         param, grad, exp_avg, exp_avg_sq, exp_avg_diff, previous_grad
     )
+    if grad_scale is not None:
+        grad = grad.mul(grad_scale)  # g ← c·g (global norm clipping)
     difference = previous_grad.add(grad)  # Δ = g + p = gₜ − gₜ₋₁
     exp_avg.lerp_(grad, 1.0 - beta1)  # m ← m + (1 − β₁)(g − m)
     exp_avg_diff.lerp_(difference, 1.0 - beta2)  # n ← n + (1 − β₂)(Δ − n)
@@ -105,6 +112,7 @@ class Adan(ScratchOptimizer):
     update = staticmethod(update)
     elementwise = True
     reference_class = "pytorch_optimizer:Adan"
+    reduced_arguments = ("grad_scale",)
 
     def __init__(
         self,
@@ -124,11 +132,6 @@ class Adan(ScratchOptimizer):
         check_betas(betas)
         check_nonnegative(weight_decay, "weight_decay")
         check_nonnegative(max_grad_norm, "max_grad_norm")
-        if max_grad_norm != 0:
-            raise NotImplementedError(
-                "Adan: max_grad_norm > 0 scales every gradient by a norm over all params, which this "
-                "elementwise update does not compute; clip with torch.nn.utils.clip_grad_norm_ before step()"
-            )
         check_nonnegative(eps, "eps")
         defaults = {
             "lr": lr,
@@ -151,6 +154,31 @@ class Adan(ScratchOptimizer):
             "exp_avg_diff": zeros_like(param),
             "previous_grad": grad.clone().mul_(-1.0),  # −g₁: the first difference is zero
         }
+
+    @property
+    def reduces(self) -> bool:
+        """Only where a group clips by the global gradient norm."""
+        return any(group.get("max_grad_norm", 0) != 0 for group in self.param_groups)
+
+    def reduce(self, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> list[dict[str, Any]] | None:
+        """c for each group that clips, from G over the gradients of all groups; a param's state starts
+        here where it clips, with p = −c·g₁."""
+        grads = [p.grad for _, params in groups for p in params if p.grad is not None]
+        device = next((p.device for group, _ in groups for p in group["params"]), torch.device("cpu"))
+        norm = global_gradient_norm(grads, device)  # G
+        found: list[dict[str, Any]] = []
+        for group, params in groups:
+            if group["max_grad_norm"] == 0:
+                found.append({})
+                continue
+            clip = torch.clamp(group["max_grad_norm"] / norm.add(group["eps"]), max=1.0).squeeze(0)  # c
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(self.init_state(p, group))
+                    state["previous_grad"].mul_(clip)  # p = −c·g₁
+            found.append({"grad_scale": clip})
+        return found
 
     def step_arguments(self, step: Any, group: dict[str, Any]) -> dict[str, Any]:
         t = get_value(step)

@@ -15,6 +15,11 @@ the contract, the data flow of one step and how to add a strategy.
    (``group["impl"]``);
 
 and only once every group is checked does it update them, so no step is half-done across groups either.
+Two optional hooks of the algorithm run in between, once all groups are checked: :meth:`reduce
+<scratchopt.optimizer.ScratchOptimizer.reduce>` (sums over every parameter that the updates need, such
+as Prodigy's step size estimate; it may also skip the step) before the groups are planned, and
+:meth:`advance_group <scratchopt.optimizer.ScratchOptimizer.advance_group>` (a group's own bookkeeping,
+a counter kept in the group) just before each group's update.
 A strategy that can do all of this natively in one pass over the group (:meth:`Strategy.plan_group`)
 is offered the group first; it declines, having changed nothing, whenever any of these rules applies.
 """
@@ -66,18 +71,40 @@ def approximate_names() -> tuple[str, ...]:
 def step(optimizer: ScratchOptimizer) -> None:
     """Update every group of the optimizer, each with its strategy (``optimizer.impl_of(group)``): every
     group is checked before any changes, so bad input in one group leaves the others as they were."""
-    plans = [plan(optimizer, group) for group in optimizer.param_groups]
-    for planned in plans:
+    groups = optimizer.param_groups
+    reduced: list[dict[str, Any]] = [{} for _ in groups]
+    if optimizer.reduces:
+        checked = [(group, check(optimizer, group)) for group in groups]
+        found = optimizer.reduce(checked)
+        if found is None:
+            return  # the algorithm skips this step
+        reduced = found
+    plans = [plan(optimizer, group, extra) for group, extra in zip(groups, reduced, strict=True)]
+    for group, planned in zip(groups, plans, strict=True):
+        optimizer.advance_group(group)
         if planned is not None:
             planned()
 
 
-def plan(optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], None] | None:
+def check(optimizer: ScratchOptimizer, group: dict[str, Any]) -> list[Tensor]:
+    """Check one param group as :func:`plan` does, changing nothing; return its params with a gradient."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if params:
+        optimizer.check_inputs(group, params)
+        optimizer.update_arguments(group)
+    return params
+
+
+def plan(
+    optimizer: ScratchOptimizer, group: dict[str, Any], extra: dict[str, Any] | None = None
+) -> Callable[[], None] | None:
     """Check one param group, changing nothing, and return the step that updates it (None: no param of
-    it has a gradient)."""
+    it has a gradient). ``extra``: arguments of ``update`` the algorithm's :meth:`reduce
+    <scratchopt.optimizer.ScratchOptimizer.reduce>` computed for the group."""
+    extra = extra or {}
     strategy = STRATEGIES[optimizer.impl_of(group)]
     if strategy is not LOOP and optimizer.elementwise and optimizer.default_checks:
-        planned = strategy.plan_group(optimizer, group)
+        planned = strategy.plan_group(optimizer, group, extra)
         if planned is not None:
             return planned
     with_grad = [(p, g) for p, g in zip(group["params"], map(_grad_of, group["params"])) if g is not None]
@@ -85,7 +112,7 @@ def plan(optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], Non
         return None
     params = [p for p, _ in with_grad]
     optimizer.check_inputs(group, params)
-    hyperparameters = optimizer.update_arguments(group)
+    hyperparameters = {**optimizer.update_arguments(group), **extra}
     if strategy is not LOOP and (not optimizer.elementwise or _has_duplicates(params)):
         strategy = LOOP
     sparse: list[Tensor] = []
@@ -103,8 +130,10 @@ def plan(optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], Non
 
 
 def run(optimizer: ScratchOptimizer, group: dict[str, Any]) -> None:
-    """Update one param group with its strategy (``optimizer.impl_of(group)``)."""
+    """Update one param group with its strategy (``optimizer.impl_of(group)``), for an algorithm without
+    :meth:`reduce <scratchopt.optimizer.ScratchOptimizer.reduce>`."""
     planned = plan(optimizer, group)
+    optimizer.advance_group(group)
     if planned is not None:
         planned()
 
@@ -128,6 +157,7 @@ __all__ = [
     "STRATEGIES",
     "Strategy",
     "approximate_names",
+    "check",
     "exact_names",
     "plan",
     "reset",

@@ -63,9 +63,12 @@ class Strategy:
         """Update ``params`` (dense gradients, each listed once, in the group's order) in place."""
         raise NotImplementedError
 
-    def plan_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], None] | None:
+    def plan_group(
+        self, optimizer: ScratchOptimizer, group: dict[str, Any], extra: dict[str, Any]
+    ) -> Callable[[], None] | None:
         """Check the whole group in one pass, changing nothing, and return the step that updates it
-        (exactly as the general path would); None where it cannot."""
+        (exactly as the general path would, ``extra`` added to the group's hyperparameters); None where it
+        cannot."""
         return None
 
     def reset(self, optimizer: ScratchOptimizer) -> None:

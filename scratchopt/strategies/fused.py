@@ -116,7 +116,9 @@ class Fused(Strategy):
         # update, dtype, the state tensors present and what the trace assumes of its arguments.
         self.traces: dict[tuple[Any, ...], list[Trace]] = {}
 
-    def plan_group(self, optimizer: ScratchOptimizer, group: dict[str, Any]) -> Callable[[], None] | None:
+    def plan_group(
+        self, optimizer: ScratchOptimizer, group: dict[str, Any], extra: dict[str, Any]
+    ) -> Callable[[], None] | None:
         """The steady step, through the native runtime: one pass in C++ over the group makes the
         dispatcher's checks and builds the table; the step it returns counts the default ``step`` there
         and makes one kernel call."""
@@ -124,13 +126,13 @@ class Fused(Strategy):
         if module is None:
             return None
         default_count = optimizer.default_count
-        required, extra = _requirements(optimizer, group, default_count)
+        required, extra_keys = _requirements(optimizer, group, default_count)
         keys = optimizer.state_keys
-        tables = module.Tables(group["params"], optimizer.state, keys, default_count, _PLAIN, required, extra)
+        tables = module.Tables(group["params"], optimizer.state, keys, default_count, _PLAIN, required, extra_keys)
         if tables.status != -1:
             return None  # nothing changed: the general path decides (and raises for bad input)
 
-        hyperparameters = optimizer.update_arguments(group)  # read while planning: it may raise
+        hyperparameters = {**optimizer.update_arguments(group), **extra}  # read while planning: it may raise
 
         def step() -> None:
             params = tables.params
@@ -138,7 +140,7 @@ class Fused(Strategy):
                 # The algorithm's own bookkeeping may create state (SGD's momentum buffer): the table is
                 # read again after it.
                 values = optimizer.count_steps(params, group)
-                counted = module.Tables(params, optimizer.state, keys, False, _PLAIN, required, extra)
+                counted = module.Tables(params, optimizer.state, keys, False, _PLAIN, required, extra_keys)
                 if counted.status != -1:
                     self.update_counted(optimizer, group, params, hyperparameters, values)
                     return

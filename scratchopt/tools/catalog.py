@@ -88,6 +88,14 @@ def training_step(optimizer: torch.optim.Optimizer, compute_loss: Callable[[], T
     return _number(loss)
 
 
+def evaluation_mode(optimizer: torch.optim.Optimizer) -> None:
+    """Call ``optimizer.eval()`` where the optimizer has one: Schedule-Free's params hold the point the
+    gradients are taken at while training, and its averaged iterate, the one to evaluate, after it."""
+    switch = getattr(optimizer, "eval", None)
+    if callable(switch):
+        switch()
+
+
 def _number(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
 

@@ -38,6 +38,8 @@ class Preset:
     #: Mini-batch steps of the digits MLP, per algorithm, and its batch size.
     digits_steps: int
     digits_batch_size: int
+    #: Steps of the GPT-like model that each optimizer after AdamW trains beside it.
+    gpt_curve_steps: int
     #: The model whose optimizer step is timed against torch's: ``speed_layers`` × Linear(width, width).
     speed_layers: int
     speed_width: int
@@ -86,6 +88,7 @@ PRESETS: dict[str, Preset] = {
         large_params=16 * 2**20,
         regression_long_steps=50_000,
         digits_steps=1000,
+        gpt_curve_steps=600,
         digits_batch_size=128,
         speed_layers=16,
         speed_width=256,
@@ -115,6 +118,7 @@ PRESETS: dict[str, Preset] = {
         large_params=4 * 2**20,
         regression_long_steps=5_000,
         digits_steps=30,
+        gpt_curve_steps=12,
         digits_batch_size=128,
         speed_layers=4,
         speed_width=64,

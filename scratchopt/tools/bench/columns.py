@@ -175,4 +175,8 @@ def _reference(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
     if importlib.util.find_spec(module_name) is None:
         raise ValueError(f"{module_name} is not installed (pip install 'scratchopt[references]')")
     reference: Callable[..., torch.optim.Optimizer] = getattr(importlib.import_module(module_name), class_name)
-    return reference(model.parameters(), **row.kwargs)
+    optimizer = reference(model.parameters(), **row.kwargs)
+    train = getattr(optimizer, "train", None)
+    if callable(train):
+        train()  # an optimizer with train and eval modes (Schedule-Free) steps in train mode
+    return optimizer

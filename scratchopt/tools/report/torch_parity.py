@@ -159,6 +159,7 @@ def train(pairing: Pairing, data: tuple[Tensor, ...], batches: list[Tensor], bar
                     for a, b in zip(ours.model.parameters(), twin.model.parameters(), strict=True)
                 )
             )
+    catalog.evaluation_mode(ours.optimizer)
     result: dict[str, Any] = {
         "label": pairing.label,
         "algorithm": pairing.algorithm,
