@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from scratchopt import strategies
+from scratchopt import precision, strategies
 from scratchopt.checks import require_closure
 from scratchopt.ops import count_counters
 from scratchopt.step_checks import check_gradients_match, check_state_keys, check_state_matches
@@ -138,6 +138,14 @@ def _forget_strategy_data(optimizer: Optimizer) -> None:
     """After ``load_state_dict`` the state tensors are new: a strategy forgets what it kept for the old."""
     if isinstance(optimizer, ScratchOptimizer):
         strategies.reset(optimizer)
+        # torch casts the loaded state to each parameter's dtype: a low-precision group keeps its own.
+        for group in optimizer.param_groups:
+            if precision.is_low(group):
+                for param in group["params"]:
+                    state = optimizer.state.get(param)
+                    if state:
+                        dtype = precision.state_dtype_for(param, group)
+                        precision.cast_state(state, optimizer.state_keys, param, dtype)
 
 
 def _flags_of(cls: type) -> frozenset[str]:
@@ -205,6 +213,36 @@ class Algorithm(Optimizer):
             cls.step = runs_eagerly(cls.step)  # type: ignore[method-assign]
 
 
+def _with_precision_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """A constructor that also takes ``state_dtype`` and ``stochastic_rounding`` (keyword-only), for every
+    algorithm at once: they are set aside for :class:`ScratchOptimizer`'s ``__init__``, which puts them in
+    the defaults (:mod:`scratchopt.precision`)."""
+
+    @functools.wraps(init)
+    def __init__(self: ScratchOptimizer, *args: Any, **kwargs: Any) -> None:
+        given = {key: kwargs.pop(key) for key in precision.DEFAULTS if key in kwargs}
+        outermost = "_precision_arguments" not in self.__dict__
+        if outermost or given:  # a subclass's constructor calling its parent's passes them on
+            self.__dict__["_precision_arguments"] = {**precision.DEFAULTS, **given}
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            if outermost:
+                self.__dict__.pop("_precision_arguments", None)
+
+    signature = inspect.signature(init)
+    extra = [
+        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=precision.ANNOTATIONS[key])
+        for key, value in precision.DEFAULTS.items()
+        if key not in signature.parameters
+    ]
+    parameters = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(parameters) if p.kind == inspect.Parameter.VAR_KEYWORD), len(parameters))
+    __init__.__signature__ = signature.replace(parameters=parameters[:at] + extra + parameters[at:])  # type: ignore[attr-defined]
+    __init__.takes_precision = True  # type: ignore[attr-defined]
+    return __init__
+
+
 class ScratchOptimizer(Algorithm):
     """A :class:`torch.optim.Optimizer` whose subclasses define only the math of one algorithm."""
 
@@ -228,9 +266,18 @@ class ScratchOptimizer(Algorithm):
     #: False while ``__init__`` runs: the groups are checked once the subclass's own set-up is done.
     _constructed: bool = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__ and not getattr(cls.__init__, "takes_precision", False):
+            cls.__init__ = _with_precision_arguments(cls.__init__)  # type: ignore[method-assign]
+
     def __init__(
         self, params: Any, defaults: dict[str, Any], impl: str | None = None, **torch_flags: bool | None
     ) -> None:
+        chosen = self.__dict__.get("_precision_arguments", precision.DEFAULTS)
+        precision.check(type(self).__name__, self.elementwise, chosen["state_dtype"], chosen["stochastic_rounding"])
+        if self.elementwise:
+            defaults = {**defaults, **chosen}
         unknown = set(torch_flags) - set(TORCH_FLAGS)
         if unknown:
             raise TypeError(f"unknown implementation flags {sorted(unknown)}; torch's are {list(TORCH_FLAGS)}")
@@ -271,6 +318,13 @@ class ScratchOptimizer(Algorithm):
         impl = param_group.get("impl") if isinstance(param_group, dict) else None
         if impl is not None:
             check_impl(self, impl)
+        if isinstance(param_group, dict) and (set(precision.DEFAULTS) & set(param_group)):
+            precision.check(
+                type(self).__name__,
+                self.elementwise,
+                param_group.get("state_dtype", torch.float32),
+                param_group.get("stochastic_rounding", False),
+            )
         super().add_param_group(param_group)
         if self._constructed:
             self._check_elementwise_declaration(self.param_groups[-1])
@@ -337,6 +391,7 @@ class ScratchOptimizer(Algorithm):
         self.register_load_state_dict_post_hook(_forget_strategy_data)
         group_defaults = {
             **{flag: value for flag, value in TORCH_FLAGS.items() if flag in _flags_of(type(self))},
+            **(precision.DEFAULTS if self.elementwise else {}),
             **self.group_defaults,
         }
         for group in self.param_groups:
@@ -388,6 +443,14 @@ class ScratchOptimizer(Algorithm):
         """The state of a parameter at its first step, keyed as torch keys it."""
         raise NotImplementedError
 
+    def new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`init_state`, its state tensors stored in the group's ``state_dtype``
+        (:mod:`scratchopt.precision`)."""
+        state = self.init_state(param, group)
+        if precision.is_low(group):
+            precision.cast_state(state, self.state_keys, param, precision.state_dtype_for(param, group))
+        return state
+
     def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """Initialise state lazily, count the step, return the per-parameter arguments of ``update``.
 
@@ -396,7 +459,7 @@ class ScratchOptimizer(Algorithm):
         """
         state = self.state[param]
         if len(state) == 0:
-            state.update(self.init_state(param, group))
+            state.update(self.new_state(param, group))
         if "step" not in state:
             return {}
         state["step"] += 1
@@ -415,7 +478,7 @@ class ScratchOptimizer(Algorithm):
         for p in params:
             state = self.state[p]
             if not state:
-                state.update(self.init_state(p, group))
+                state.update(self.new_state(p, group))
             states.append(state)
         return states
 
@@ -462,7 +525,13 @@ class ScratchOptimizer(Algorithm):
             for param in params:
                 self.check_grad(param)
         check_gradients_match(self, params)
-        check_state_matches(self, params, self.state_keys, same_shape=self.elementwise)
+        check_state_matches(
+            self,
+            params,
+            self.state_keys,
+            same_shape=self.elementwise,
+            state_dtype=group.get("state_dtype") if precision.is_low(group) else None,
+        )
         check_state_keys(self, group, params)
 
     def check_sparse_gradients(self, group: dict[str, Any]) -> None:

@@ -55,13 +55,20 @@ def check_gradients_match(optimizer: Optimizer, params: list[Tensor]) -> None:
 
 
 def check_state_matches(
-    optimizer: Optimizer, params: list[Tensor], keys: tuple[str, ...], same_shape: bool = False
+    optimizer: Optimizer,
+    params: list[Tensor],
+    keys: tuple[str, ...],
+    same_shape: bool = False,
+    state_dtype: torch.dtype | None = None,
 ) -> None:
     """Raise a RuntimeError naming the parameter and key when a state tensor no longer has its
-    parameter's dtype or device (after ``model.to()``), or, with ``same_shape``, its shape."""
+    parameter's dtype or device (after ``model.to()``), or, with ``same_shape``, its shape.
+    ``state_dtype``: the dtype a float32 parameter's state is kept in (:mod:`scratchopt.precision`)."""
     start = 0
     module = runtime.ready()
-    if module is not None and not same_shape:  # the same check in C++; the loop below then words the error
+    if (
+        module is not None and not same_shape and state_dtype is None
+    ):  # the same check in C++; the loop below then words the error
         start = module.first_mismatch(params, optimizer.state, keys)
         if start == -1:
             return
@@ -73,7 +80,9 @@ def check_state_matches(
             value = state.get(key)
             if not isinstance(value, Tensor):
                 continue
-            if value.dtype != param.dtype or value.device != param.device:
+            low = state_dtype is not None and param.dtype == torch.float32 and value.shape == param.shape
+            expected = state_dtype if low else param.dtype
+            if value.dtype != expected or value.device != param.device:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}: state[{key!r}] of {describe(optimizer, param)} is "
                     f"{value.dtype} on {value.device}, but the parameter is {param.dtype} on "

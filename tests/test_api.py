@@ -74,11 +74,16 @@ def test_optim_db_error_inputs_raise_torchs_exception(name, index):
 def test_signature_and_defaults_match_torch(name):
     ours = inspect.signature(getattr(scratchopt, name).__init__).parameters
     theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
-    ours_without_impl = [(p.name, p.kind, p.default) for p in ours.values() if p.name != "impl"]
-    assert ours_without_impl == [(p.name, p.kind, p.default) for p in theirs.values()]
-    assert ours["impl"].kind == inspect.Parameter.KEYWORD_ONLY and ours["impl"].default is None
+    own = {"impl": None, "state_dtype": torch.float32, "stochastic_rounding": False}
+    ours_without_own = [(p.name, p.kind, p.default) for p in ours.values() if p.name not in own]
+    assert ours_without_own == [(p.name, p.kind, p.default) for p in theirs.values()]
+    for key, default in own.items():
+        if key == "impl" or issubclass(getattr(scratchopt, name), scratchopt.ScratchOptimizer):
+            assert ours[key].kind == inspect.Parameter.KEYWORD_ONLY and ours[key].default == default, key
 
 
+#: The group keys scratchopt adds to torch's: the strategy and the state precision.
+OWN_GROUP_KEYS = ("impl", "state_dtype", "stochastic_rounding")
 #: The range of lr where it is not torch's usual lr >= 0.
 LR_ALLOWED = {"SparseAdam": "lr > 0"}
 
@@ -199,9 +204,11 @@ def test_state_dict_has_torchs_form(name):
     for index in theirs_sd["state"]:
         assert set(ours_sd["state"][index]) == set(theirs_sd["state"][index])
     for ours_group, theirs_group in zip(ours_sd["param_groups"], theirs_sd["param_groups"]):
-        # torch's keys in torch's order, then the strategy that ran (torch ignores a key it does not use).
-        assert [key for key in ours_group if key != "impl"] == list(theirs_group) and ours_group["impl"] == "loop"
-        assert {k: v for k, v in ours_group.items() if k not in ("foreach", "impl")} == {
+        # torch's keys in torch's order, then ours: the strategy that ran and the state precision (torch
+        # ignores a key it does not use).
+        assert [key for key in ours_group if key not in OWN_GROUP_KEYS] == list(theirs_group)
+        assert ours_group["impl"] == "loop" and ours_group.get("state_dtype", torch.float32) == torch.float32
+        assert {k: v for k, v in ours_group.items() if k != "foreach" and k not in OWN_GROUP_KEYS} == {
             k: v for k, v in theirs_group.items() if k != "foreach"
         }
 
@@ -273,7 +280,7 @@ def test_named_params_and_add_param_group(name):
     ours.add_param_group({"params": list(extra.named_parameters()), "lr": 0.5})
     theirs.add_param_group({"params": list(copy.deepcopy(extra).named_parameters()), "lr": 0.5})
     assert ours.param_groups[1]["lr"] == 0.5 and ours.param_groups[1]["param_names"] == extra_names
-    assert set(ours.param_groups[1]) - {"impl"} == set(theirs.param_groups[1])
+    assert set(ours.param_groups[1]) - set(OWN_GROUP_KEYS) == set(theirs.param_groups[1])
     assert ours.state_dict()["param_groups"][1]["param_names"] == extra_names
 
 

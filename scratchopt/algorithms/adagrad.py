@@ -125,7 +125,7 @@ class Adagrad(ScratchOptimizer):
         # torch creates Adagrad's state eagerly, for every parameter, at construction.
         for group in self.param_groups:
             for param in group["params"]:
-                self.state[param].update(self.init_state(param, group))
+                self.state[param].update(self.new_state(param, group))
 
     def check_sparse_gradients(self, group: dict[str, Any]) -> None:
         # torch raises this inside its loop, after updating the params before the sparse one; we raise

@@ -175,7 +175,7 @@ class Adan(ScratchOptimizer):
             for p in params:
                 state = self.state[p]
                 if not state:
-                    state.update(self.init_state(p, group))
+                    state.update(self.new_state(p, group))
                     state["previous_grad"].mul_(clip)  # p = −c·g₁
             found.append({"grad_scale": clip})
         return found

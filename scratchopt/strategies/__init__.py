@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from scratchopt import precision
 from scratchopt.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ def plan(
     <scratchopt.optimizer.ScratchOptimizer.reduce>` computed for the group."""
     extra = extra or {}
     strategy = STRATEGIES[optimizer.impl_of(group)]
-    if strategy is not LOOP and optimizer.elementwise and optimizer.default_checks:
+    low_precision = precision.is_low(group)
+    if strategy is not LOOP and optimizer.elementwise and optimizer.default_checks and not low_precision:
         planned = strategy.plan_group(optimizer, group, extra)
         if planned is not None:
             return planned
@@ -122,8 +124,10 @@ def plan(
 
     def update() -> None:
         if sparse:
-            LOOP.update(optimizer, group, sparse, hyperparameters)
-        if params:
+            (precision.update if low_precision else LOOP.update)(optimizer, group, sparse, hyperparameters)
+        if params and low_precision:
+            precision.update(optimizer, group, params, hyperparameters)
+        elif params:
             strategy.update(optimizer, group, params, hyperparameters)
 
     return update

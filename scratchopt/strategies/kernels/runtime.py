@@ -27,6 +27,7 @@ import torch
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <vector>
 
@@ -299,6 +300,33 @@ py::object scalars(py::list tensors, int op, const std::vector<double>& values, 
   return out;
 }
 
+// value (float32) rounded to bfloat16 stochastically into out (bfloat16), both contiguous, as
+// scratchopt.precision.round_stochastically computes it: 16 random bits per element, the top half of the
+// lowbias32 hash of index·φ + seed (mod 2^32), added to the low half of the bit pattern, then dropped.
+static void round_stochastically(const at::Tensor& value, at::Tensor& out, int64_t seed) {
+  TORCH_CHECK(value.scalar_type() == at::kFloat && out.scalar_type() == at::kBFloat16, "float32 to bfloat16");
+  TORCH_CHECK(value.is_contiguous() && out.is_contiguous() && value.numel() == out.numel(), "contiguous, same size");
+  const uint32_t* in = reinterpret_cast<const uint32_t*>(value.data_ptr<float>());
+  uint16_t* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint32_t s = static_cast<uint32_t>(seed);
+  at::parallel_for(0, value.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    #pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t x = static_cast<uint32_t>(i) * 0x9E3779B1u + s;
+      x ^= x >> 16;
+      x *= 0x21F0AAADu;
+      x ^= x >> 15;
+      x *= 0x735A2D97u;
+      x ^= x >> 15;
+      const uint32_t bits = in[i];
+      const uint32_t rounded = (bits + (x >> 16)) >> 16;
+      const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+      result[i] = static_cast<uint16_t>(nan ? ((bits >> 16) | 0x40u) : rounded);
+    }
+  });
+  if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Tables>(m, "Tables")
       .def(py::init<py::list, py::dict, py::tuple, bool, py::tuple, uint64_t, py::tuple>())
@@ -314,6 +342,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("launch", &Tables::launch);
   m.def("first_mismatch", &first_mismatch);
   m.def("scalars", &scalars);
+  m.def("round_stochastically", &round_stochastically);
 }
 """
 

@@ -70,7 +70,10 @@ DEEPSPEED = "deepspeed cpu adam"
 #: ``reference_class``), run where that package is installed.
 REFERENCE = "reference package"
 PEER_COLUMNS = (DEEPSPEED, REFERENCE)
-COLUMNS = TORCH_COLUMNS + OURS_COLUMNS + PEER_COLUMNS
+#: Ours fused with the state kept in bfloat16 (:mod:`scratchopt.precision`), for elementwise algorithms.
+OURS_BF16_STATE = "ours bf16 state"
+PRECISION_COLUMNS = (OURS_BF16_STATE,)
+COLUMNS = TORCH_COLUMNS + OURS_COLUMNS + PRECISION_COLUMNS + PEER_COLUMNS
 #: Columns whose parameters must equal torch's for-loop bit for bit after the same steps (on the CPU): the
 #: strategies bit-exact with the loop, and the loop.
 BIT_EXACT_COLUMNS = tuple(ours(name) for name, strategy in strategies.STRATEGIES.items() if strategy.exact)
@@ -140,6 +143,10 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
         if twin is None:
             raise ValueError(f"torch.optim has no twin of {row.cls.__name__}")
         return twin(model.parameters(), **row.kwargs, **TORCH_FLAGS[column])
+    if column == OURS_BF16_STATE:
+        if not row.cls.elementwise:
+            raise ValueError(f"{row.cls.__name__} is not elementwise: its state stays in the params' dtype")
+        return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl="fused", state_dtype=torch.bfloat16)
     impl = column.removeprefix("ours ")
     return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl=impl)
 

@@ -309,7 +309,9 @@ def run_bench(
     warmup: list[dict[str, Any]] = []
     if preset.warmup_compile if warmup_compile is None else warmup_compile:
         log("first fused step in fresh processes (caches starting empty) …")
-        names = sorted((row.label for row in chosen), key=lambda label: label != COLD_START_FIRST)
+        # The first fused step of the algorithms that have one (the others run the loop only).
+        fused = [row.label for row in chosen if row.cls.elementwise]
+        names = sorted(fused, key=lambda label: label != COLD_START_FIRST)
         warmup = cold_start.compile_warmup(names, preset.mlp_layers, dev, threads)
     resident = resident_memory(rows, described, preset, columns, threads, log) if memory and dev.type == "cpu" else []
     results = {

@@ -1,0 +1,300 @@
+"""bfloat16 optimizer state and stochastic rounding (:mod:`scratchopt.precision`): the rounding against
+its definition, each elementwise algorithm's first step against torch's (or its own float32 loop), and
+the state_dict, reproducibility and refusal contracts."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import scratchopt
+from scratchopt import precision
+from scratchopt.algorithms import ALGORITHMS
+from scratchopt.strategies.kernels import runtime
+from scratchopt.testing import grad_like, gradients, hard_groups, hard_params
+
+ELEMENTWISE = [name for name, cls in ALGORITHMS.items() if getattr(cls, "elementwise", False)]
+NOT_ELEMENTWISE = [
+    name for name, cls in ALGORITHMS.items() if issubclass(cls, scratchopt.ScratchOptimizer) and not cls.elementwise
+]
+
+
+def lowbias32(index: int, seed: int) -> int:
+    """The hash :func:`precision.random_bits` computes, in Python integers."""
+    mask = 0xFFFFFFFF
+    x = (index * 0x9E3779B1 + seed) & mask
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & mask
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & mask
+    x ^= x >> 15
+    return x >> 16
+
+
+def bf16_neighbours(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bfloat16 numbers next to each float32 value, toward zero and away from it."""
+    bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    toward = bits >> 16
+    away = toward + ((bits & 0xFFFF) != 0).to(torch.int64)
+
+    def as_bf16(b: torch.Tensor) -> torch.Tensor:
+        return torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16).view(torch.bfloat16)
+
+    return as_bf16(toward), as_bf16(away)
+
+
+def test_the_random_bits_are_the_hash_of_index_and_seed():
+    for seed in (0, 1, 2**31 - 2, 0xDEADBEEF):
+        bits = precision.random_bits(1000, seed)
+        assert bits.tolist() == [lowbias32(i, seed) for i in range(1000)]
+    assert precision.random_bits(10, 5).max() < 2**16
+
+
+def test_stochastic_rounding_picks_a_neighbour_with_the_right_probability():
+    """x = 1 + 2⁻¹⁰ lies 1/8 of the way from 1 to the next bfloat16 (1 + 2⁻⁷): about 1/8 of the elements
+    round up. Round-to-nearest would give none."""
+    x = torch.full((40_000,), 1 + 2**-10)
+    rounded = precision.round_stochastically(x, seed=123)
+    assert set(rounded.float().unique().tolist()) <= {1.0, 1 + 2**-7}
+    up = int((rounded.float() > 1).sum())
+    expected, sigma = 40_000 / 8, (40_000 * 1 / 8 * 7 / 8) ** 0.5
+    assert abs(up - expected) < 4 * sigma
+    # Unbiased: the mean of the roundings is x, within its standard error.
+    assert abs(rounded.float().mean().item() - (1 + 2**-10)) < 4 * sigma / 40_000 * 2**-7
+
+
+def test_stochastic_rounding_of_every_kind_of_value():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat(
+        [
+            torch.randn(5000, generator=gen) * 10.0 ** torch.randint(-30, 30, (5000,), generator=gen),
+            torch.tensor([0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), 3e38, 1e-40, -1e-40]),
+        ]
+    )
+    rounded = precision.round_stochastically(values, seed=7)
+    toward, away = bf16_neighbours(values)
+    same = (rounded.view(torch.int16) == toward.view(torch.int16)) | (
+        rounded.view(torch.int16) == away.view(torch.int16)
+    )
+    assert bool(same.all())
+    exact = values == values.bfloat16().float()
+    assert torch.equal(rounded[exact].float(), values[exact])  # a bfloat16 number stays itself
+    nan = precision.round_stochastically(torch.tensor([float("nan"), -float("nan")]), seed=1)
+    assert bool(nan.isnan().all())
+
+
+def test_the_native_rounding_is_the_torch_ones_bit_for_bit():
+    """The runtime's one-pass rounding against the torch operations that define it, on values of every
+    magnitude, signed zeros, infinities, NaNs and the largest floats, at seeds across the 32 bits."""
+    if runtime.ready() is None:
+        runtime._build(in_process=True)
+    assert runtime.ready() is not None, "the native runtime did not build"
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat(
+        [
+            torch.randn(100_000, generator=gen) * 10.0 ** torch.randint(-40, 39, (100_000,), generator=gen),
+            torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 3.4e38, -3.4e38, 1e-45]),
+        ]
+    )
+    for seed in (0, 5, 2**31 - 2, 2**32 - 1):
+        native = precision.round_stochastically(values, seed)
+        reference = precision.round_stochastically_in_torch(values, seed)
+        assert torch.equal(native.view(torch.int16), reference.view(torch.int16)), seed
+
+
+#: Fresh state that bfloat16 cannot hold exactly, so that the first step differs from torch's already.
+INEXACT_FRESH_STATE = {"Rprop": "its step sizes start at lr, which bfloat16 rounds"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.skip(INEXACT_FRESH_STATE[n])) if n in INEXACT_FRESH_STATE else n
+        for n in ELEMENTWISE
+        if ALGORITHMS[n].torch_twin
+    ],
+)
+def test_the_first_step_with_bfloat16_state_is_torchs_step(name):
+    """The update runs on float32 copies: the params after one step from fresh state are torch's for-loop
+    bit for bit; each state tensor is one of the two bfloat16 numbers next to torch's float32 state."""
+    params = [p for p in hard_params(torch.float32) if p.dim() > 0]
+    theirs_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    ours = getattr(scratchopt, name)(params, state_dtype=torch.bfloat16, **ALGORITHMS[name].example_kwargs)
+    theirs = getattr(torch.optim, name)(theirs_params, foreach=False, **ALGORITHMS[name].example_kwargs)
+    for p_ours, p_theirs, grad in zip(params, theirs_params, gradients(params, 0)):
+        p_ours.grad, p_theirs.grad = grad, None if grad is None else grad.clone()
+    ours.step()
+    theirs.step()
+    for a, b in zip(params, theirs_params):
+        assert torch.equal(a, b)
+        for key, value in theirs.state.get(b, {}).items():
+            mine = ours.state[a][key]
+            if key == "step" or not value.is_floating_point() or value.dim() == 0:
+                assert torch.equal(mine.float(), value.float()), key
+                continue
+            assert mine.dtype == torch.bfloat16, key
+            toward, away = bf16_neighbours(value.contiguous())
+            hit = (mine.contiguous().view(torch.int16) == toward.view(torch.int16)) | (
+                mine.contiguous().view(torch.int16) == away.view(torch.int16)
+            )
+            assert bool(hit.all()), key
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_every_impl_gives_the_loops_numbers_and_a_seed_reproduces_them(name):
+    cls = ALGORITHMS[name]
+
+    def run(impl: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = hard_params(torch.float32)
+        optimizer = cls(hard_groups(params), state_dtype=torch.bfloat16, impl=impl, **cls.example_kwargs)
+        for step in range(4):
+            for p, grad in zip(params, gradients(params, step)):
+                p.grad = grad
+            optimizer.step()
+        state = [t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
+        return [p.detach() for p in params] + state
+
+    loop = run("loop")
+    for impl in scratchopt.strategies.NAMES:
+        assert all(torch.equal(a, b) for a, b in zip(run(impl), loop, strict=True)), impl
+
+
+def test_bfloat16_state_is_half_the_bytes_and_trains_like_float32():
+    """AdamW's state: 4 bytes per parameter instead of 8; a least-squares fit ends where float32's does."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(256, 32, generator=gen)
+    targets = inputs @ torch.randn(32, 4, generator=gen)
+    finals = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(32, 4)
+        optimizer = scratchopt.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0, state_dtype=dtype)
+        for _ in range(400):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for p in model.parameters()
+            for key, t in optimizer.state[p].items()
+            if key != "step"
+        )
+        assert state_bytes == (8 if dtype == torch.float32 else 4) * sum(p.numel() for p in model.parameters())
+        finals[dtype] = loss.item()
+    assert finals[torch.float32] < 1e-8 and finals[torch.bfloat16] < 1e-8
+
+
+def test_stochastic_rounding_moves_bfloat16_params_by_updates_below_half_an_ulp():
+    """SGD with lr·g = 10⁻⁴ on bfloat16 ones (half an ulp at 1 is 2⁻⁸ ≈ 0.0039): round to nearest never
+    moves them; with stochastic rounding their mean follows float32's 1 − 100·10⁻⁴ = 0.99."""
+    means = {}
+    for stochastic in (False, True):
+        torch.manual_seed(0)
+        param = torch.ones(20_000, dtype=torch.bfloat16, requires_grad=True)
+        optimizer = scratchopt.SGD([param], lr=1e-4, stochastic_rounding=stochastic)
+        for _ in range(100):
+            param.grad = torch.ones_like(param)
+            optimizer.step()
+        means[stochastic] = param.float().mean().item()
+    assert means[False] == 1.0
+    assert abs(means[True] - 0.99) < 1e-3
+
+
+def test_state_dicts_round_trip_and_move_to_and_from_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    ours = scratchopt.AdamW(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    model(torch.randn(4, 8)).sum().backward()
+    ours.step()
+    buffer = io.BytesIO()
+    torch.save(ours.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["param_groups"][0]["state_dtype"] == torch.bfloat16
+    assert loaded["state"][0]["exp_avg"].dtype == torch.bfloat16
+    # torch.optim casts the state to the params' dtype; its values are ours.
+    theirs = torch.optim.AdamW(copy.deepcopy(model).parameters())
+    theirs.load_state_dict(copy.deepcopy(loaded))
+    theirs_state = theirs.state[theirs.param_groups[0]["params"][0]]
+    assert theirs_state["exp_avg"].dtype == torch.float32
+    assert torch.equal(theirs_state["exp_avg"], loaded["state"][0]["exp_avg"].float())
+    # and back: the group's state_dtype holds again after torch's cast.
+    again = scratchopt.AdamW(model.parameters(), state_dtype=torch.bfloat16)
+    again.load_state_dict(theirs.state_dict())
+    assert again.state[model.weight]["exp_avg"].dtype == torch.bfloat16
+    again.load_state_dict(loaded)
+    assert again.state[model.weight]["exp_avg"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", NOT_ELEMENTWISE)
+def test_an_algorithm_that_is_not_elementwise_refuses_low_precision(name):
+    params = [torch.zeros(3, 3, requires_grad=True)]
+    with pytest.raises(ValueError, match="not elementwise"):
+        getattr(scratchopt, name)(params, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="not elementwise"):
+        getattr(scratchopt, name)(params, stochastic_rounding=True)
+
+
+def test_bad_settings_are_refused_naming_the_argument():
+    params = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="state_dtype"):
+        scratchopt.AdamW(params, state_dtype=torch.float16)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        scratchopt.AdamW(params, stochastic_rounding="yes")
+    optimizer = scratchopt.AdamW(params)
+    with pytest.raises(ValueError, match="state_dtype"):
+        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "state_dtype": torch.int8})
+
+
+def test_a_subclass_constructor_passes_the_settings_on():
+    """AdamW's constructor calls Adam's; a user's subclass calling AdamW's keeps what it was given."""
+
+    class MyAdamW(scratchopt.AdamW):
+        def __init__(self, params, lr=1e-3, **kwargs):
+            super().__init__(params, lr=lr, **kwargs)
+
+    optimizer = MyAdamW([torch.zeros(3, requires_grad=True)], state_dtype=torch.bfloat16)
+    assert optimizer.param_groups[0]["state_dtype"] == torch.bfloat16
+    assert scratchopt.AdamW([torch.zeros(3, requires_grad=True)]).param_groups[0]["state_dtype"] == torch.float32
+
+
+def test_state_of_another_dtype_is_still_refused():
+    """A bfloat16 group expects bfloat16 state for a float32 param: float32 state there (after an edit) is
+    refused before anything changes, as any dtype mismatch is."""
+    param = torch.randn(5, requires_grad=True)
+    optimizer = scratchopt.AdamW([param], state_dtype=torch.bfloat16)
+    param.grad = torch.randn(5)
+    optimizer.step()
+    optimizer.state[param]["exp_avg"] = torch.zeros(5, dtype=torch.float64)
+    before = param.detach().clone()
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        optimizer.step()
+    assert torch.equal(param.detach(), before)
+
+
+def test_grad_like_is_used_for_non_contiguous_params():
+    """The non-contiguous param of the hard set keeps its layout through the float32 copies."""
+    params = hard_params(torch.float32)
+    optimizer = scratchopt.Adam(params, state_dtype=torch.bfloat16)
+    for p, grad in zip(params, gradients(params, 0)):
+        p.grad = None if grad is None else grad_like(grad, p)
+    optimizer.step()
+    assert not params[2].is_contiguous() and optimizer.state[params[2]]["exp_avg"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_state_made_by_the_bookkeeping_and_sparse_steps_is_bfloat16_too(sparse):
+    """SGD starts its momentum buffer in its own bookkeeping, and sparse gradients take the loop: both
+    keep the group's state_dtype, step after step."""
+    embedding = torch.nn.Embedding(50, 8, sparse=sparse)
+    optimizer = scratchopt.SGD(embedding.parameters(), lr=0.1, momentum=0.9, state_dtype=torch.bfloat16)
+    for _ in range(3):
+        optimizer.zero_grad()
+        embedding(torch.tensor([1, 2, 3])).square().sum().backward()
+        optimizer.step()
+    assert optimizer.state[embedding.weight]["momentum_buffer"].dtype == torch.bfloat16
