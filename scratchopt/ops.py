@@ -109,5 +109,7 @@ def global_gradient_norm(grads: list[Tensor], device: torch.device) -> Tensor:
         g.device == first.device and g.dtype == first.dtype and not g.is_sparse for g in grads
     )
     norms = torch._foreach_norm(grads) if batched else [(g.float() if g.dtype in half else g).norm() for g in grads]
+    # A sharded gradient's norm (FSDP2) is a partial DTensor: its value over every rank, as a plain tensor.
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     squared = torch.stack([norm.to(device) for norm in norms]).float().square_()
     return squared.sum().reshape(1).sqrt_()

@@ -218,9 +218,12 @@ def _with_precision_arguments(init: Callable[..., None]) -> Callable[..., None]:
     algorithm at once: they are set aside for :class:`ScratchOptimizer`'s ``__init__``, which puts them in
     the defaults (:mod:`scratchopt.precision`)."""
 
+    own = set(inspect.signature(init).parameters)
+
     @functools.wraps(init)
     def __init__(self: ScratchOptimizer, *args: Any, **kwargs: Any) -> None:
-        given = {key: kwargs.pop(key) for key in precision.DEFAULTS if key in kwargs}
+        # A constructor that names the setting itself receives it (and passes it on to its parent's).
+        given = {key: kwargs[key] if key in own else kwargs.pop(key) for key in precision.DEFAULTS if key in kwargs}
         outermost = "_precision_arguments" not in self.__dict__
         if outermost or given:  # a subclass's constructor calling its parent's passes them on
             self.__dict__["_precision_arguments"] = {**precision.DEFAULTS, **given}
@@ -391,7 +394,12 @@ class ScratchOptimizer(Algorithm):
         self.register_load_state_dict_post_hook(_forget_strategy_data)
         group_defaults = {
             **{flag: value for flag, value in TORCH_FLAGS.items() if flag in _flags_of(type(self))},
-            **(precision.DEFAULTS if self.elementwise else {}),
+            # a state_dict without them (torch.optim's) keeps the constructor's precision
+            **(
+                {k: getattr(self, "defaults", {}).get(k, v) for k, v in precision.DEFAULTS.items()}
+                if self.elementwise
+                else {}
+            ),
             **self.group_defaults,
         }
         for group in self.param_groups:
@@ -524,6 +532,8 @@ class ScratchOptimizer(Algorithm):
         else:
             for param in params:
                 self.check_grad(param)
+        if precision.is_low(group):
+            precision.check_params(self, params)
         check_gradients_match(self, params)
         check_state_matches(
             self,

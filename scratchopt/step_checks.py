@@ -85,7 +85,9 @@ def check_state_matches(
             if value.dtype != expected or value.device != param.device:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}: state[{key!r}] of {describe(optimizer, param)} is "
-                    f"{value.dtype} on {value.device}, but the parameter is {param.dtype} on "
+                    f"{value.dtype} on {value.device}, but "
+                    + (f"the group's state_dtype is {expected} and " if low else "")
+                    + f"the parameter is {param.dtype} on "
                     f"{param.device}; was the model moved with .to() after the first step? "
                     "optimizer.load_state_dict(optimizer.state_dict()) casts the state like the parameters"
                 )

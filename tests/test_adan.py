@@ -103,3 +103,13 @@ def test_the_clip_is_the_global_norm_over_every_group():
     torch.testing.assert_close(optimizer.state[a]["previous_grad"], -c * a.grad)
     torch.testing.assert_close(optimizer.state[b]["exp_avg"], (1 - 0.98) * c * b.grad)
     assert torch.equal(optimizer.state[a]["exp_avg_diff"], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_clipping_keeps_a_0d_half_precision_gradient_in_its_dtype(dtype):
+    params = [torch.ones((), dtype=dtype, requires_grad=True), torch.ones(3, dtype=dtype, requires_grad=True)]
+    optimizer = scratchopt.Adan(params, max_grad_norm=0.5)
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    optimizer.step()
+    assert all(optimizer.state[p]["exp_avg"].dtype == dtype for p in params)

@@ -366,3 +366,14 @@ def test_bad_input_in_a_later_group_runs_neither_hook():
     assert optimizer.reduced == []
     assert [group["k"] for group in optimizer.param_groups] == [0, 0]
     assert torch.equal(params[0].detach(), torch.ones(3))
+
+
+def test_an_invalid_impl_in_a_later_group_is_refused_before_the_reduction():
+    params = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+    optimizer = NormalisedSGD([{"params": params[:1]}, {"params": params[1:]}])
+    optimizer.param_groups[1]["impl"] = "no-such-impl"
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="no-such-impl"):
+        optimizer.step()
+    assert optimizer.reduced == [] and [group["k"] for group in optimizer.param_groups] == [0, 0]

@@ -86,7 +86,7 @@ def update(
         param, grad, exp_avg, exp_avg_sq, exp_avg_diff, previous_grad
     )
     if grad_scale is not None:
-        grad = grad.mul(grad_scale)  # g ← c·g (global norm clipping)
+        grad = grad.clone().mul_(grad_scale)  # g ← c·g (global norm clipping), in the gradient's dtype
     difference = previous_grad.add(grad)  # Δ = g + p = gₜ − gₜ₋₁
     exp_avg.lerp_(grad, 1.0 - beta1)  # m ← m + (1 − β₁)(g − m)
     exp_avg_diff.lerp_(difference, 1.0 - beta2)  # n ← n + (1 − β₂)(Δ − n)

@@ -160,7 +160,7 @@ class ScheduleFreeModes:
                 for p in group["params"]:
                     z = self.state[p].get("z") if p in self.state else None
                     if z is not None:
-                        p.lerp_(end=z.to(p.device), weight=weight)
+                        p.lerp_(end=z.to(device=p.device, dtype=p.dtype), weight=weight)
                 group["train_mode"] = False
 
     @torch.no_grad()
@@ -172,7 +172,7 @@ class ScheduleFreeModes:
                 for p in group["params"]:
                     z = self.state[p].get("z") if p in self.state else None
                     if z is not None:
-                        p.lerp_(end=z.to(p.device), weight=weight)
+                        p.lerp_(end=z.to(device=p.device, dtype=p.dtype), weight=weight)
                 group["train_mode"] = True
 
     def require_train_mode(self) -> None:

@@ -30,8 +30,9 @@ What changes compared with ``optimizer.step()`` after backward:
 
 The results equal an optimizer stepping all parameters after backward whenever the update of one
 parameter depends only on its own gradient and state, as in every scratchopt algorithm but LBFGS (whose
-direction uses all parameters' history, and whose step needs a closure): each parameter sees the same
-gradient and the same state. tests/test_overlap.py checks it step by step.
+direction uses all parameters' history, and whose step needs a closure) and the ones that reduce over all
+parameters (Prodigy's step size, Adan's ``max_grad_norm``, LAMB's ``pre_norm``: stepped one parameter at
+a time, each sees its own sum): each parameter sees the same gradient and the same state. tests/test_overlap.py checks it step by step.
 
 Under FSDP2 it works as it does on one process: FSDP2 runs the post-accumulate-grad hooks of its sharded
 parameters once their gradients are reduce-scattered, so each rank steps its shards with the averaged

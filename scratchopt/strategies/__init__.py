@@ -89,6 +89,7 @@ def step(optimizer: ScratchOptimizer) -> None:
 
 def check(optimizer: ScratchOptimizer, group: dict[str, Any]) -> list[Tensor]:
     """Check one param group as :func:`plan` does, changing nothing; return its params with a gradient."""
+    optimizer.impl_of(group)  # an invalid impl raises here, before the reduction changes anything
     params = [p for p in group["params"] if p.grad is not None]
     if params:
         optimizer.check_inputs(group, params)
@@ -123,10 +124,12 @@ def plan(
         params = [p for p, g in with_grad if g.layout == torch.strided]
 
     def update() -> None:
-        if sparse:
-            (precision.update if low_precision else LOOP.update)(optimizer, group, sparse, hyperparameters)
+        if sparse and low_precision:
+            precision.update(optimizer, group, sparse, hyperparameters, LOOP.update)
+        elif sparse:
+            LOOP.update(optimizer, group, sparse, hyperparameters)
         if params and low_precision:
-            precision.update(optimizer, group, params, hyperparameters)
+            precision.update(optimizer, group, params, hyperparameters, strategy.update)
         elif params:
             strategy.update(optimizer, group, params, hyperparameters)
 
