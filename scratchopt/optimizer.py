@@ -148,6 +148,46 @@ def _forget_strategy_data(optimizer: Optimizer) -> None:
                         precision.cast_state(state, optimizer.state_keys, param, dtype)
 
 
+def _with_group_steps(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state_dict that also says each group's ``step`` (the most steps of its params), as a reference
+    package that counts per group keeps it, so that the package resumes from it."""
+    for group in state_dict["param_groups"]:
+        steps = [
+            float(state_dict["state"][i]["step"])
+            for i in group["params"]
+            if i in state_dict["state"] and "step" in state_dict["state"][i]
+        ]
+        group["step"] = int(max(steps)) if steps else 0
+    return state_dict
+
+
+def _with_param_steps(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """A state_dict from a package that counts per group (no param's state has a ``step``): each param's
+    state takes its group's. One of ours that lacks a param's ``step`` is left to the step's checks."""
+    if any("step" in state for state in state_dict["state"].values()):
+        return state_dict
+    for group in state_dict["param_groups"]:
+        if "step" not in group:
+            continue
+        for i in group["params"]:
+            state = state_dict["state"].get(i)
+            if state and "step" not in state:
+                state["step"] = torch.tensor(float(group["step"]), dtype=scalar_dtype())
+    return state_dict
+
+
+def _register_hooks(optimizer: ScratchOptimizer) -> None:
+    # Once per object: torch's load_state_dict calls __setstate__ on an optimizer that has them already.
+    if optimizer.__dict__.get("_hooks_registered"):
+        return
+    optimizer.__dict__["_hooks_registered"] = True
+    # torch's load_state_dict replaces the state tensors: a strategy forgets what it kept for them.
+    optimizer.register_load_state_dict_post_hook(_forget_strategy_data)
+    if optimizer.reference_counts_per_group:
+        optimizer.register_state_dict_post_hook(_with_group_steps)
+        optimizer.register_load_state_dict_pre_hook(_with_param_steps)
+
+
 def _flags_of(cls: type) -> frozenset[str]:
     """torch's implementation flags the class's constructor takes (those its groups hold)."""
     return frozenset(TORCH_FLAGS) & set(inspect.signature(cls).parameters)
@@ -263,6 +303,10 @@ class ScratchOptimizer(Algorithm):
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
     update: ClassVar[Callable[..., None]]
+    #: The reference package keeps ``step`` per param group where this one keeps it per param (Adan,
+    #: AdEMAMix): the state_dict also says each group's step, and a state_dict of the package's is
+    #: read with each param taking its group's, so that a run moves between the two.
+    reference_counts_per_group: ClassVar[bool] = False
     #: The keyword arguments of ``update`` that :meth:`reduce` computes (the elementwise check runs the
     #: update with 1.0 for each).
     reduced_arguments: ClassVar[tuple[str, ...]] = ()
@@ -311,8 +355,7 @@ class ScratchOptimizer(Algorithm):
                 sorted(merged.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
             )
         super().__init__(params, merged)
-        # torch's load_state_dict replaces the state tensors: a strategy forgets what it kept for them.
-        self.register_load_state_dict_post_hook(_forget_strategy_data)
+        _register_hooks(self)
         self._constructed = True
         for group in self.param_groups:
             self._check_elementwise_declaration(group)
@@ -391,7 +434,7 @@ class ScratchOptimizer(Algorithm):
         if "default_impl" not in state and not hasattr(self, "default_impl"):
             state["default_impl"] = "loop"
         super().__setstate__(state)
-        self.register_load_state_dict_post_hook(_forget_strategy_data)
+        _register_hooks(self)
         group_defaults = {
             **{flag: value for flag, value in TORCH_FLAGS.items() if flag in _flags_of(type(self))},
             # a state_dict without them (torch.optim's) keeps the constructor's precision

@@ -4,6 +4,8 @@ t per group, this module per param: ``tests/test_ademamix.py`` pins the same dif
 
 from __future__ import annotations
 
+import copy
+
 import parity
 import pytest
 import pytorch_optimizer
@@ -113,3 +115,38 @@ def test_clipping_keeps_a_0d_half_precision_gradient_in_its_dtype(dtype):
         p.grad = torch.full_like(p, 2.0)
     optimizer.step()
     assert all(optimizer.state[p]["exp_avg"].dtype == dtype for p in params)
+
+
+@pytest.mark.parametrize("name", ["Adan", "AdEMAMix"])
+def test_a_run_moves_between_the_reference_and_ours_through_the_state_dict(name):
+    """The reference counts t per group, this one per param: a state_dict of either resumes in the other
+    (where every param has a gradient at every step, the numbers are the reference's own run)."""
+    reference_cls = getattr(pytorch_optimizer, name)
+    torch.manual_seed(0)
+    grads = [[torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)] for _ in range(6)]
+
+    def run(first, second):
+        params = [
+            torch.zeros(4, 3, dtype=torch.float64, requires_grad=True),
+            torch.ones(3, dtype=torch.float64, requires_grad=True),
+        ]
+        optimizer = first(params, lr=0.01)
+        for step in grads[:3]:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            optimizer.step()
+        resumed = second(params, lr=0.01)
+        resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        for step in grads[3:]:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            resumed.step()
+        return [p.detach().clone() for p in params]
+
+    def reference(params, **kwargs):
+        return reference_cls(params, **kwargs, foreach=False)
+
+    expected = run(reference, reference)
+    ours = getattr(scratchopt, name)
+    for got in (run(reference, ours), run(ours, reference), run(ours, ours)):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))

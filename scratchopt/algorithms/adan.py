@@ -36,7 +36,8 @@ p          —                                ``previous_grad`` (−gₜ₋₁, 
 The reference is ``pytorch-optimizer``'s Adan (its per-parameter path), whose signature, defaults, state
 keys and operation order this module follows: bit for bit equal to it where every param has a gradient
 at every step (``tests/test_adan.py``); like AdEMAMix here, t is counted per param, the reference counts
-per group. Its global gradient-norm clipping (``max_grad_norm > 0``) scales every gradient by
+per group (the state_dict also says each group's t, and one of the reference's gives each param its
+group's, so a run moves between the two). Its global gradient-norm clipping (``max_grad_norm > 0``) scales every gradient by
 c = min(1, max_grad_norm/(G + ε)), G the 2-norm of every gradient of every group summed as the
 reference sums it (:meth:`Adan.reduce`; p starts from −c·g₁, so the first difference is still zero);
 each group uses its own ``max_grad_norm`` and ε, where the reference reads its constructor's (the same
@@ -111,6 +112,7 @@ class Adan(ScratchOptimizer):
     sparse_error = "Adan does not support sparse gradients"
     update = staticmethod(update)
     elementwise = True
+    reference_counts_per_group = True
     reference_class = "pytorch_optimizer:Adan"
     reduced_arguments = ("grad_scale",)
 

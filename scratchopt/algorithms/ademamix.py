@@ -42,7 +42,8 @@ operation order this module follows: bit for bit equal to its per-parameter path
 gradient at every step (``tests/test_ademamix.py``). Where a param misses steps the two differ by design:
 ``pytorch-optimizer`` counts t per param group, this module (like the authors' code and torch) per
 param, so a param that missed steps keeps its own bias correction; the test kit checks that against the
-paper's equations on the hard parameter set. In float16 and bfloat16 the step is divided first and added
+paper's equations on the hard parameter set. The state_dict also says each group's t, and one of the
+reference's gives each param its group's, so a run moves between the two (``tests/test_adan.py``). In float16 and bfloat16 the step is divided first and added
 after, as the reference does. A complex parameter is updated as its real and imaginary parts (the
 reference refuses one).
 """
@@ -120,6 +121,7 @@ class AdEMAMix(ScratchOptimizer):
     sparse_error = "AdEMAMix does not support sparse gradients"
     update = staticmethod(update)
     elementwise = True
+    reference_counts_per_group = True
     reference_class = "pytorch_optimizer:AdEMAMix"
 
     def __init__(
