@@ -160,14 +160,15 @@ def _smoothed(values: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
 @styled
 def plot_curves(trained: list[dict[str, Any]], entropy: float) -> Figure:
     figure, axes = new_figure(10, 5.2)
-    palette = colormaps["tab10"]
+    tab10 = colormaps["tab10"]
+    palette = [tab10(i) for i in range(tab10.N) if i != 7]  # tab10's grey would read as AdamW's
     for index, result in enumerate(trained):
         baseline = result["algorithm"] == BASELINE
         steps, smoothed = _smoothed(result["losses"])
         axes.plot(
             steps,
             smoothed,
-            color=TORCH_COLOR if baseline else palette(index % palette.N),
+            color=TORCH_COLOR if baseline else palette[index % len(palette)],
             linewidth=3.0 if baseline else 1.4,
             alpha=0.6 if baseline else 1.0,
             label=result["algorithm"],
