@@ -145,7 +145,7 @@ def _forget_strategy_data(optimizer: Optimizer) -> None:
                     state = optimizer.state.get(param)
                     if state:
                         dtype = precision.state_dtype_for(param, group)
-                        precision.cast_state(state, optimizer.state_keys, param, dtype)
+                        precision.cast_state(state, optimizer.state_keys, param, dtype, optimizer)
 
 
 def _with_group_steps(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -300,6 +300,12 @@ class ScratchOptimizer(Algorithm):
     group_defaults: ClassVar[dict[str, Any]] = {}
     #: 0-d state tensors an older version saved as Python numbers.
     scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
+    #: State keys that never hold a negative value (second moments): with ``state_dtype="8bit"`` they take
+    #: the unsigned dynamic map, one more bit of fraction (:mod:`scratchopt.quantization`).
+    nonnegative_state: ClassVar[frozenset[str]] = frozenset()
+    #: State keys that hold an iterate of the weights (Schedule-Free's z): kept in float32 under
+    #: ``state_dtype="8bit"``, which would move the weights by its quantisation error.
+    weight_like_state: ClassVar[frozenset[str]] = frozenset()
     #: torch's error for a sparse gradient, or None where the algorithm accepts sparse gradients.
     sparse_error: ClassVar[str | None] = None
     update: ClassVar[Callable[..., None]]
@@ -499,7 +505,8 @@ class ScratchOptimizer(Algorithm):
         (:mod:`scratchopt.precision`)."""
         state = self.init_state(param, group)
         if precision.is_low(group):
-            precision.cast_state(state, self.state_keys, param, precision.state_dtype_for(param, group))
+            kept = precision.state_dtype_for(param, group)
+            precision.cast_state(state, self.state_keys, param, kept, self)
         return state
 
     def count_step(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,12 @@
 Two settings of a param group, accepted by the constructor of every elementwise optimizer:
 
 ``state_dtype``
-    ``torch.float32`` (the default: state in the parameter's dtype, as torch keeps it) or
-    ``torch.bfloat16``: the state tensors of a float32 parameter are kept in bfloat16, half the bytes.
+    ``torch.float32`` (the default: state in the parameter's dtype, as torch keeps it),
+    ``torch.bfloat16``: the state tensors of a float32 parameter are kept in bfloat16, half the bytes,
+    or ``"8bit"``: blockwise 8-bit (:mod:`scratchopt.quantization`), about a quarter, for the state
+    tensors of float32 parameters of at least 4096 elements (smaller ones and an algorithm's weight-like
+    state stay float32). The 8-bit state is dequantised for the update and quantised after it
+    (deterministically: the codes nearest the new values).
 ``stochastic_rounding``
     ``False`` (the default) or ``True``: a bfloat16 parameter and its bfloat16 state are updated in
     float32 and rounded stochastically, so that updates smaller than half a bfloat16 ulp still move the
@@ -17,29 +21,36 @@ and a otherwise, so the rounding is unbiased. A bfloat16 parameter without ``sto
 updated as torch updates it (in bfloat16), whatever ``state_dtype`` says; parameters of other dtypes keep
 their state in their own dtype.
 
-The random bits are a counter-based hash of each element's index and a per-tensor seed
-(:func:`random_bits`), and the seeds of a step are drawn once from torch's default CPU generator, so
-``torch.manual_seed`` makes a run reproducible, and a native kernel computing the same hash gives the
-same roundings as this eager reference.
+The random bits of an element (:func:`random_bits`) depend on its index and a per-tensor seed only: its
+block of 2¹⁶ elements reads a window of a fixed permutation of the 16-bit numbers (:func:`noise_table`)
+that starts at a hash of the block's index and the seed. An element's bits are then uniform over all 2¹⁶
+values as the seed varies, so the rounding is unbiased, and a kernel needs one load per element, not a
+hash. The seeds of a step are drawn once from torch's default CPU generator, so ``torch.manual_seed``
+makes a run reproducible, and the native kernels, which read the same table, give the same roundings
+as this eager reference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from scratchopt import quantization
 from scratchopt.strategies.kernels import runtime
 
 if TYPE_CHECKING:
     from scratchopt.optimizer import ScratchOptimizer
 
+#: ``state_dtype="8bit"``: blockwise 8-bit state (:mod:`scratchopt.quantization`).
+EIGHT_BIT = "8bit"
 #: The values ``state_dtype`` accepts.
-STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+STATE_DTYPES: tuple[torch.dtype | str, ...] = (torch.float32, torch.bfloat16, EIGHT_BIT)
 DEFAULTS: dict[str, Any] = {"state_dtype": torch.float32, "stochastic_rounding": False}
-ANNOTATIONS: dict[str, str] = {"state_dtype": "torch.dtype", "stochastic_rounding": "bool"}
+ANNOTATIONS: dict[str, str] = {"state_dtype": "torch.dtype | str", "stochastic_rounding": "bool"}
 _MASK32 = 0xFFFFFFFF
 #: Multipliers of the hash (below 2³¹, so that every product of a 32-bit value fits in an int64).
 _HASH_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
@@ -48,10 +59,10 @@ _GOLDEN = 0x9E3779B1
 
 def check(cls_name: str, elementwise: bool, state_dtype: Any, stochastic_rounding: Any) -> None:
     """Refuse a setting this optimizer cannot honour, naming the argument."""
-    if state_dtype not in STATE_DTYPES:
+    if not any(state_dtype is d or (isinstance(d, str) and state_dtype == d) for d in STATE_DTYPES):
         raise ValueError(
             f"{cls_name}: state_dtype={state_dtype!r} is not supported; choose one of "
-            f"{', '.join(map(str, STATE_DTYPES))}"
+            f"{', '.join(map(repr, STATE_DTYPES))}"
         )
     if not isinstance(stochastic_rounding, bool):
         raise TypeError(f"{cls_name}: stochastic_rounding must be a bool, not {type(stochastic_rounding).__name__}")
@@ -81,38 +92,123 @@ def is_low(group: dict[str, Any]) -> bool:
     return group.get("state_dtype", torch.float32) != torch.float32 or bool(group.get("stochastic_rounding"))
 
 
-def state_dtype_for(param: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype of a parameter's floating state tensors: the group's ``state_dtype`` for a float32
-    parameter, else the parameter's own."""
+def state_dtype_for(param: Tensor, group: dict[str, Any]) -> torch.dtype | str:
+    """How a parameter's floating state tensors are kept: the group's ``state_dtype`` for a float32
+    parameter (``"8bit"`` only from :data:`~scratchopt.quantization.MIN_NUMEL` elements on, float32
+    below), else the parameter's own dtype."""
     wanted = group.get("state_dtype", torch.float32)
-    return wanted if param.dtype == torch.float32 else param.dtype
+    if param.dtype != torch.float32:
+        return param.dtype
+    if wanted == EIGHT_BIT and param.numel() < quantization.MIN_NUMEL:
+        return torch.float32
+    return wanted
 
 
-def cast_state(state: dict[str, Any], keys: tuple[str, ...], param: Tensor, dtype: torch.dtype) -> None:
-    """Store the floating state tensors named by ``keys`` that are shaped like the param in ``dtype`` (in
-    place of the dict's values); scalars kept in the state stay as they are."""
+def stored_dtype(kept: torch.dtype | str) -> torch.dtype:
+    """The dtype of the tensor a state kept as ``kept`` is stored in (uint8 for 8-bit)."""
+    return torch.uint8 if kept == EIGHT_BIT else kept  # type: ignore[return-value]
+
+
+def signed(key: str, nonnegative: Collection[str]) -> bool:
+    """Whether state ``key`` takes the signed dynamic map (``nonnegative``: the algorithm's keys that
+    never hold a negative value, its second moments)."""
+    return key not in nonnegative
+
+
+def kept_as(optimizer: Any, key: str, kept: torch.dtype | str) -> torch.dtype | str:
+    """How state ``key`` is kept where the param's state is kept as ``kept``: an algorithm's weight-like
+    state (an iterate such as Schedule-Free's z, :attr:`~scratchopt.optimizer.ScratchOptimizer.weight_like_state`)
+    stays float32 under 8-bit."""
+    if kept == EIGHT_BIT and key in getattr(optimizer, "weight_like_state", ()):
+        return torch.float32
+    return kept
+
+
+def cast_state(
+    state: dict[str, Any],
+    keys: tuple[str, ...],
+    param: Tensor,
+    dtype: torch.dtype | str,
+    optimizer: Any = None,
+) -> None:
+    """Store the floating state tensors named by ``keys`` that are shaped like the param as ``dtype``
+    (a torch dtype, or ``"8bit"``: packed by :mod:`~scratchopt.quantization`), in place of the dict's
+    values; a packed tensor (or its bytes cast to a float dtype by ``load_state_dict``) is unpacked first
+    where ``dtype`` is not 8-bit; scalars kept in the state stay as they are. ``optimizer``: the
+    algorithm's state layout (its nonnegative and weight-like keys)."""
+    nonnegative = getattr(optimizer, "nonnegative_state", ())
+    wanted = dtype
     for key in keys:
         value = state.get(key)
-        if (
-            isinstance(value, Tensor)
-            and value.is_floating_point()
-            and value.dtype != dtype
-            and value.shape == param.shape
-        ):
+        if not isinstance(value, Tensor):
+            continue
+        dtype = kept_as(optimizer, key, wanted)
+        if quantization.is_packed(value, param):
+            if dtype == EIGHT_BIT:
+                if value.dtype != torch.uint8:
+                    state[key] = value.to(torch.uint8)  # byte values, exact in any float dtype
+                continue
+            bytes_ = value.to(torch.uint8)
+            value = quantization.dequantize(bytes_, param.numel(), signed(key, nonnegative)).view(param.shape)
+            state[key] = value
+        if not (value.is_floating_point() and value.shape == param.shape):
+            continue
+        if dtype == EIGHT_BIT:
+            state[key] = quantization.quantize(value.float().contiguous(), signed(key, nonnegative))
+        elif value.dtype != dtype:
             state[key] = value.to(dtype)
 
 
-def random_bits(numel: int, seed: int, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
-    """16 random bits per element (int64 values in [0, 2¹⁶)): the lowbias32 hash of the element's index i
-    (counted from ``offset``) plus the seed, x ← i·φ + seed, then x ^= x ≫ 16, x ·= m₁, x ^= x ≫ 15,
-    x ·= m₂, x ^= x ≫ 15 (mod 2³²), its top 16 bits."""
-    x = (torch.arange(offset, offset + numel, dtype=torch.int64, device=device) * _GOLDEN + seed) & _MASK32
+def hash16(index: Tensor, seed: int) -> Tensor:
+    """The top 16 bits of the lowbias32 hash of ``index``·φ + ``seed``: x ← i·φ + seed, then x ^= x ≫ 16,
+    x ·= m₁, x ^= x ≫ 15, x ·= m₂, x ^= x ≫ 15 (mod 2³²) (int64 values in [0, 2¹⁶))."""
+    x = (index * _GOLDEN + seed) & _MASK32
     x ^= x >> 16
     x = (x * _HASH_MULTIPLIERS[0]) & _MASK32
     x ^= x >> 15
     x = (x * _HASH_MULTIPLIERS[1]) & _MASK32
     x ^= x >> 15
     return x >> 16
+
+
+#: Elements per block of :func:`random_bits`: the length of the permutation it reads.
+NOISE_BLOCK = 1 << 16
+_NOISE: list[Tensor] = []
+
+
+def noise_table() -> Tensor:
+    """The permutation of 0 … 2¹⁶−1 that random bits are read from (int64): the numbers k ordered by the
+    whole 32-bit lowbias32 hash of k·φ (:func:`hash16` before its last shift), a bijection, so no two
+    tie."""
+    if not _NOISE:
+        index = torch.arange(NOISE_BLOCK, dtype=torch.int64)
+        x = (index * _GOLDEN) & _MASK32
+        x ^= x >> 16
+        x = (x * _HASH_MULTIPLIERS[0]) & _MASK32
+        x ^= x >> 15
+        x = (x * _HASH_MULTIPLIERS[1]) & _MASK32
+        x ^= x >> 15
+        table = torch.argsort(x)
+        _NOISE.append(table)
+        # Twice over, as 16-bit numbers: what a native kernel reads (a window of 2¹⁶ from any start).
+        doubled = torch.cat([table, table])
+        _NOISE.append(torch.where(doubled >= 0x8000, doubled - 0x10000, doubled).to(torch.int16))
+    return _NOISE[0]
+
+
+def native_noise() -> Tensor:
+    """:func:`noise_table` twice over as 16-bit numbers (int16 bit patterns), for the native kernels."""
+    noise_table()
+    return _NOISE[1]
+
+
+def random_bits(numel: int, seed: int, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
+    """16 random bits per element (int64 values in [0, 2¹⁶)). Element i (counted from ``offset``) of
+    block b = i ≫ 16 reads entry (o_b + i) mod 2¹⁶ of :func:`noise_table`, where o_b = hash16(b, seed):
+    every value once per block, and, over seeds, each value equally likely at every element."""
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    start = hash16(index >> 16, seed)
+    return noise_table().to(device)[(start + index) & (NOISE_BLOCK - 1)]
 
 
 def round_stochastically(value: Tensor, seed: int, out: Tensor | None = None, offset: int = 0) -> Tensor:
@@ -126,7 +222,7 @@ def round_stochastically(value: Tensor, seed: int, out: Tensor | None = None, of
     if module is not None and value.device.type == "cpu" and value.dtype == torch.float32:
         value = value.contiguous()
         target = out if out is not None and out.is_contiguous() else torch.empty(value.shape, dtype=torch.bfloat16)
-        module.round_stochastically(value, target, seed & _MASK32, offset)
+        module.round_stochastically(value, target, seed & _MASK32, offset, native_noise())
     else:
         target = round_stochastically_in_torch(value, seed, offset)
     if out is not None and target is not out:
@@ -158,22 +254,60 @@ def tensor_seed(base: int, index: int, slot: int) -> int:
 
 #: The most elements of float32 copies one low-precision step holds at once: the group is updated in
 #: chunks (a contiguous param larger than this in slices of its elements), so that the copies add
-#: little to the peak memory, and memory the allocator just freed is reused for the next chunk.
-CHUNK_ELEMENTS = 1 << 22
+#: little to the peak memory and stay in the caches between widening, update and narrowing. A multiple
+#: of the 8-bit block.
+CHUNK_ELEMENTS = 1 << 20
+
+_SCRATCH = threading.local()
 
 
-Run = Callable[["ScratchOptimizer", dict[str, Any], list[Tensor], Any], None]
+def _scratch(numel: int, device: torch.device) -> Tensor:
+    """A float32 buffer of at least ``numel`` elements, kept per thread and device between steps: the
+    dequantised copies of a chunk live in it (a fresh allocation of that size costs its page faults on
+    every chunk)."""
+    pool: dict[torch.device, Tensor] = getattr(_SCRATCH, "pool", None) or {}
+    _SCRATCH.pool = pool
+    buffer = pool.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = pool[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer
+
+
+Run = Callable[..., None]
+
+
+def rounds_stochastically(group: dict[str, Any]) -> bool:
+    """Whether a step of the group rounds stochastically (bfloat16 state, or stochastic rounding of
+    bfloat16 params), and so draws a seed from torch's generator; 8-bit state alone draws none."""
+    return group.get("state_dtype", torch.float32) == torch.bfloat16 or bool(group.get("stochastic_rounding"))
+
+
+def low_mode(group: dict[str, Any]) -> int:
+    """What a native kernel of the group keeps in bfloat16: bit 0, a float32 param's state tensors
+    (``state_dtype=torch.bfloat16``); bit 1, bfloat16 params trained with stochastic rounding."""
+    return (group.get("state_dtype", torch.float32) == torch.bfloat16) | (bool(group.get("stochastic_rounding")) << 1)
 
 
 def update(
-    optimizer: ScratchOptimizer, group: dict[str, Any], params: list[Tensor], hyperparameters: Any, run: Run
+    optimizer: ScratchOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    hyperparameters: Any,
+    run: Run,
+    base: int | None = None,
+    counted: list[dict[str, Any]] | None = None,
 ) -> None:
     """One step of a low-precision group with the group's strategy (``run``, its ``update``): the
     strategy updates float32 copies of the bfloat16 tensors each param's update writes (a copy of the
     param, with a float32 gradient, where it is rounded stochastically), and each copy is written back
-    rounded stochastically. Under ``loop`` this is the reference; ``fused`` runs its kernel on the
-    copies. The roundings depend on the step's seed, the param's place in the group, the tensor and
-    the element's index only, so the chunking changes no number."""
+    rounded stochastically. Under ``loop`` this is the reference; ``fused`` takes the group natively
+    where it can (the kernel widens and rounds in place, bit for bit this) and runs its kernel on the
+    copies here where it cannot. The roundings depend on the step's seed, the param's place in the group, the tensor and
+    the element's index only, so the chunking changes no number.
+
+    ``base``: the step's seed where the caller drew it; ``counted``: each param's arguments where the
+    caller has counted the steps already (``run`` then takes the chunk's as a fifth argument).
+    """
     from scratchopt.optimizer import ScratchOptimizer
 
     # Fresh state is made here, in its stored dtype, so that the copies below see it; an algorithm that
@@ -200,7 +334,9 @@ def update(
     # the first counts a copy of these, which it then drops).
     before = {
         index: {
-            k: v.clone() for k, v in states[index].items() if isinstance(v, Tensor) and v.shape != params[index].shape
+            k: v.clone()
+            for k, v in states[index].items()
+            if isinstance(v, Tensor) and v.shape != params[index].shape and not quantization.is_packed(v, params[index])
         }
         for index, lo, _ in units
         if lo > 0
@@ -209,7 +345,8 @@ def update(
     # tensor an earlier slice of the same step has made (SGD's fresh momentum buffer).
     snapshots = [dict(state) for state in states]
     stochastic = bool(group.get("stochastic_rounding"))
-    base = step_seed()
+    if base is None:
+        base = step_seed() if rounds_stochastically(group) else 0
     start = 0
     while start < len(units):
         end, elements = start, 0
@@ -217,8 +354,15 @@ def update(
             elements += _size(params, units[end])
             end += 1
         chunk = units[start:end]
+        chunk_run = run
+        if counted is not None:
+            values = [counted[index] for index, _, _ in chunk]
+
+            def chunk_run(o: Any, g: dict[str, Any], shadows: list[Tensor], h: Any, values: Any = values) -> None:
+                run(o, g, shadows, h, values)
+
         _update_chunk(
-            optimizer, group, params, states, snapshots, chunk, before, hyperparameters, run, stochastic, base
+            optimizer, group, params, states, snapshots, chunk, before, hyperparameters, chunk_run, stochastic, base
         )
         start = end
 
@@ -250,6 +394,14 @@ def _update_chunk(
     shadows: list[Tensor] = []
     copied: list[set[str]] = []
     given: list[dict[str, Any]] = []
+    packed_elements = sum(
+        _size(params, unit)
+        for unit in units
+        for value in snapshots[unit[0]].values()
+        if isinstance(value, Tensor) and value.dtype == torch.uint8 and quantization.is_packed(value, params[unit[0]])
+    )
+    scratch = _scratch(packed_elements, params[units[0][0]].device) if packed_elements else None
+    used = 0
     for index, lo, hi in units:
         param = params[index]
         grad = param.grad
@@ -272,9 +424,26 @@ def _update_chunk(
             and snapshot[key].shape == param.shape
             and (widen_param or param.dtype != torch.bfloat16)
         }
+        # 8-bit state: dequantised for the update, quantised again after it.
+        copies |= {
+            key
+            for key in keys
+            if isinstance(snapshot.get(key), Tensor)
+            and snapshot[key].dtype == torch.uint8
+            and quantization.is_packed(snapshot[key], param)
+        }
         shadow_state: dict[str, Any] = {}
         for key, value in snapshot.items():
-            if key in copies:
+            if key in copies and value.dtype == torch.uint8:
+                assert scratch is not None
+                first, end = (0, param.numel()) if hi < 0 else (lo, hi)
+                values = scratch[used : used + end - first]
+                used += end - first
+                quantization.dequantize_part(
+                    value, param.numel(), first, end, signed(key, optimizer.nonnegative_state), out=values
+                )
+                shadow_state[key] = values.view(param.shape) if hi < 0 else values
+            elif key in copies:
                 shadow_state[key] = _part(value, lo, hi).float()
             elif isinstance(value, Tensor) and value.shape == param.shape:
                 shadow_state[key] = _part(value, lo, hi)
@@ -295,16 +464,33 @@ def _update_chunk(
             offset, size = max(lo, 0), _size(params, (index, lo, hi))
             for key, value in updated.items():
                 seed = tensor_seed(base, index, keys.index(key) + 1 if key in keys else 0)
-                if key in copies:
+                if key in copies and state[key].dtype == torch.uint8:
+                    quantization.quantize_part(
+                        value, state[key], param.numel(), offset, signed(key, optimizer.nonnegative_state)
+                    )
+                elif key in copies:
                     round_stochastically(value, seed, _part(state[key], lo, hi), offset)
                 elif value is before.get(key):
                     continue  # unchanged, or a view of the stored tensor the update wrote through
                 elif key in keys and isinstance(value, Tensor) and value.numel() == size and value.dim() > 0:
                     # state the algorithm's bookkeeping made (SGD's momentum buffer), stored like the rest
-                    wanted = state_dtype_for(param, group) if shadow.dtype == param.dtype else param.dtype
+                    wanted = (
+                        kept_as(optimizer, key, state_dtype_for(param, group))
+                        if shadow.dtype == param.dtype
+                        else param.dtype
+                    )
                     stored = state.get(key)
+                    if wanted == EIGHT_BIT:
+                        if not (isinstance(stored, Tensor) and stored.dtype == torch.uint8):
+                            stored = state[key] = torch.empty(
+                                quantization.packed_numel(param.numel()), dtype=torch.uint8, device=param.device
+                            )
+                        quantization.quantize_part(
+                            value.float(), stored, param.numel(), offset, signed(key, optimizer.nonnegative_state)
+                        )
+                        continue
                     if not (isinstance(stored, Tensor) and stored.shape == param.shape and stored.dtype == wanted):
-                        stored = state[key] = torch.empty(param.shape, dtype=wanted, device=param.device)
+                        stored = state[key] = torch.empty(param.shape, dtype=wanted, device=param.device)  # type: ignore[arg-type]
                     if wanted == torch.bfloat16 and value.dtype == torch.float32:
                         round_stochastically(value, seed, _part(stored, lo, hi), offset)
                     else:
@@ -314,3 +500,30 @@ def _update_chunk(
             if shadow.dtype != param.dtype:
                 round_stochastically(shadow, tensor_seed(base, index, 0), _part(param.detach(), lo, hi), offset)
             optimizer.state[param] = state
+
+
+def float32_state_dict(optimizer: ScratchOptimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every state tensor kept in low precision (bfloat16, or 8-bit
+    packed) as a float32 tensor shaped like its param, and the groups without ``state_dtype`` and
+    ``stochastic_rounding``: what ``torch.optim``'s optimizer of the same algorithm loads. The way back
+    is ``load_state_dict`` of such a dict into a scratchopt optimizer built with the low-precision
+    settings, which stores the state as they say."""
+    state_dict = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[Any, dict[str, Any]] = {}
+    for index, saved in state_dict["state"].items():
+        param = params[index]
+        converted = dict(saved)
+        for key in optimizer.state_keys:
+            value = saved.get(key)
+            if not isinstance(value, Tensor) or param.dtype != torch.float32:
+                continue
+            if value.dtype == torch.uint8 and quantization.is_packed(value, param):
+                numel = param.numel()
+                values = quantization.dequantize(value, numel, signed(key, optimizer.nonnegative_state))
+                converted[key] = values.view(param.shape)
+            elif value.dtype == torch.bfloat16 and value.shape == param.shape:
+                converted[key] = value.float()
+        state[index] = converted
+    groups = [{k: v for k, v in group.items() if k not in DEFAULTS} for group in state_dict["param_groups"]]
+    return {**state_dict, "state": state, "param_groups": groups}

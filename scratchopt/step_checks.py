@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from scratchopt import precision, quantization
 from scratchopt.strategies.kernels import runtime
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def check_state_matches(
     params: list[Tensor],
     keys: tuple[str, ...],
     same_shape: bool = False,
-    state_dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype | str | None = None,
 ) -> None:
     """Raise a RuntimeError naming the parameter and key when a state tensor no longer has its
     parameter's dtype or device (after ``model.to()``), or, with ``same_shape``, its shape.
@@ -80,18 +81,24 @@ def check_state_matches(
             value = state.get(key)
             if not isinstance(value, Tensor):
                 continue
-            low = state_dtype is not None and param.dtype == torch.float32 and value.shape == param.shape
-            expected = state_dtype if low else param.dtype
+            kept = (
+                precision.kept_as(optimizer, key, precision.state_dtype_for(param, {"state_dtype": state_dtype}))
+                if state_dtype is not None
+                else None
+            )
+            packed = kept == precision.EIGHT_BIT and quantization.is_packed(value, param)
+            low = kept is not None and param.dtype == torch.float32 and (value.shape == param.shape or packed)
+            expected = precision.stored_dtype(kept) if low else param.dtype  # type: ignore[arg-type]
             if value.dtype != expected or value.device != param.device:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}: state[{key!r}] of {describe(optimizer, param)} is "
                     f"{value.dtype} on {value.device}, but "
-                    + (f"the group's state_dtype is {expected} and " if low else "")
+                    + (f"the group's state_dtype is {kept} and " if low else "")
                     + f"the parameter is {param.dtype} on "
                     f"{param.device}; was the model moved with .to() after the first step? "
                     "optimizer.load_state_dict(optimizer.state_dict()) casts the state like the parameters"
                 )
-            if same_shape and value.shape != param.shape:
+            if same_shape and value.shape != param.shape and not packed:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}: state[{key!r}] of {describe(optimizer, param)} has shape "
                     f"{tuple(value.shape)}, but the parameter has shape {tuple(param.shape)}; was the state "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,6 +114,14 @@ def gradients(params: list[Tensor], step: int, seed: int = 1) -> list[Tensor | N
             noise = torch.complex(noise, torch.randn(p.shape, generator=gen, dtype=torch.float64))
         grads.append(grad_like(noise.to(p.dtype) + 0.1 * p.detach(), p))
     return grads
+
+
+def saved_and_loaded(obj: Any) -> Any:
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a checkpoint takes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def copy_params(params: Sequence[Tensor]) -> list[Tensor]:

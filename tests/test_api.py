@@ -122,11 +122,13 @@ def _state_dict_cases() -> list:
                 )
             )
             continue
+        # A state_dict does not depend on the strategy that made it: the kernels' impls run on one
+        # configuration, and torch.compile's (the costliest to build) on AdamW alone.
         cases += [
             pytest.param(name, desc, kwargs, impl, id=f"{name}-{desc}-{impl}")
             for index, (desc, kwargs) in enumerate(optim_db_configs(name))
             for impl in (EAGER_IMPLS + COMPILED_IMPLS if index == 0 else EAGER_IMPLS)
-            if impl == "loop" or getattr(scratchopt, name).elementwise
+            if (impl == "loop" or getattr(scratchopt, name).elementwise) and (impl != "compiled" or name == "AdamW")
         ]
     return cases
 

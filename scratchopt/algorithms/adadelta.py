@@ -73,6 +73,7 @@ def update(
 class Adadelta(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("square_avg", "acc_delta")
+    nonnegative_state = frozenset({"square_avg", "acc_delta"})
     hyperparameter_keys = ("lr", "rho", "eps", "weight_decay", "maximize")
     group_defaults = {"maximize": False}
     sparse_error = "Adadelta does not support sparse gradients"

@@ -87,6 +87,7 @@ def update(
 class Adagrad(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("sum",)
+    nonnegative_state = frozenset({"sum"})
     hyperparameter_keys = ("lr", "lr_decay", "weight_decay", "eps", "maximize")
     group_defaults = {"maximize": False}
     update = staticmethod(update)

@@ -80,6 +80,7 @@ def update(
 class Adam(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    nonnegative_state = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
     split_keys = {"betas": ("beta1", "beta2")}
     group_defaults = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}

@@ -67,6 +67,7 @@ def update(
 class Adamax(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_inf")
+    nonnegative_state = frozenset({"exp_inf"})
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "maximize")
     split_keys = {"betas": ("beta1", "beta2")}
     group_defaults = {"maximize": False}

@@ -106,6 +106,7 @@ def update(
 class Adan(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
+    nonnegative_state = frozenset({"exp_avg_sq"})
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "weight_decouple", "maximize")
     split_keys = {"betas": ("beta1", "beta2", "beta3")}
     group_defaults = {"maximize": False}

@@ -115,6 +115,7 @@ def update(
 class AdEMAMix(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
+    nonnegative_state = frozenset({"exp_avg_sq"})
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "weight_decouple", "fixed_decay", "maximize")
     split_keys = {"betas": ("beta1", "beta2", "beta3")}
     group_defaults = {"maximize": False}

@@ -97,6 +97,7 @@ def update(
 class ADOPT(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq")
+    nonnegative_state = frozenset({"exp_avg_sq"})
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "decouple", "maximize")
     split_keys = {"betas": ("beta1", "beta2")}
     group_defaults = {"maximize": False}

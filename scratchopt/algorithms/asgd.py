@@ -93,6 +93,7 @@ def _as_stored(value: Any) -> Tensor:
 class ASGD(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("ax",)
+    weight_like_state = frozenset({"ax"})
     hyperparameter_keys = ("lambd", "weight_decay", "maximize")
     group_defaults = {"maximize": False}
     scalar_state_keys = ("step", "eta", "mu")

@@ -106,6 +106,7 @@ def update(
 class NAdam(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq")
+    nonnegative_state = frozenset({"exp_avg_sq"})
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
     split_keys = {"betas": ("beta1", "beta2")}
     group_defaults = {"maximize": False, "decoupled_weight_decay": False}

@@ -154,6 +154,7 @@ def update(
 class Prodigy(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("exp_avg", "exp_avg_sq")
+    nonnegative_state = frozenset({"exp_avg_sq"})
     sparse_error = "Prodigy does not support sparse gradients"
     update = staticmethod(update)
     reduced_arguments = ("d", "dlr", "d_new")

@@ -87,6 +87,7 @@ def update(
 class RMSprop(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("square_avg", "momentum_buffer", "grad_avg")
+    nonnegative_state = frozenset({"square_avg"})
     hyperparameter_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
     group_defaults = {"momentum": 0, "centered": False, "maximize": False}
     sparse_error = "RMSprop does not support sparse gradients"

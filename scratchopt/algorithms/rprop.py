@@ -78,6 +78,7 @@ def update(
 class Rprop(ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("prev", "step_size")
+    nonnegative_state = frozenset({"step_size"})
     hyperparameter_keys = ("etas", "step_sizes", "maximize")
     group_defaults = {"maximize": False}
     sparse_error = "Rprop does not support sparse gradients"

@@ -208,6 +208,7 @@ def schedule_defaults(warmup_steps: int, r: float, weight_lr_power: float) -> di
 class ScheduleFreeSGD(ScheduleFreeModes, ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("z",)
+    weight_like_state = frozenset({"z"})
     hyperparameter_keys = ("momentum", "weight_decay")
     scalar_state_keys = ()
     sparse_error = "ScheduleFreeSGD does not support sparse gradients"
@@ -254,6 +255,8 @@ class ScheduleFreeSGD(ScheduleFreeModes, ScratchOptimizer):
 class ScheduleFreeAdamW(ScheduleFreeModes, ScratchOptimizer):
     __doc__ = __doc__
     state_keys = ("z", "exp_avg_sq")
+    nonnegative_state = frozenset({"exp_avg_sq"})
+    weight_like_state = frozenset({"z"})
     hyperparameter_keys = ("betas", "eps", "weight_decay")
     split_keys = {"betas": ("beta1", "beta2")}
     scalar_state_keys = ()

@@ -106,7 +106,7 @@ def plan(
     extra = extra or {}
     strategy = STRATEGIES[optimizer.impl_of(group)]
     low_precision = precision.is_low(group)
-    if strategy is not LOOP and optimizer.elementwise and optimizer.default_checks and not low_precision:
+    if strategy is not LOOP and optimizer.elementwise and optimizer.default_checks:
         planned = strategy.plan_group(optimizer, group, extra)
         if planned is not None:
             return planned

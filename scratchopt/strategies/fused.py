@@ -13,9 +13,13 @@ the update's traced scalar arithmetic (:mod:`~scratchopt.strategies.kernels.trac
 recorded. Each param's own scalars (its ``step``: a param that missed steps has another bias
 correction) are a row of the kernel's scalar table: params that disagree still share one call.
 
+A group with low-precision state (:mod:`scratchopt.precision`) runs natively too: the kernel reads
+bfloat16 state (and bfloat16 params trained with stochastic rounding), computes in float32 and rounds
+stochastically as it writes, bit for bit the eager widened step at the same seeds (:meth:`Fused.launch_or_update`).
+
 A param whose tensors are not one dense run each, laid out alike (a non-contiguous gradient of a
-contiguous param), or that is complex or in a dtype the generator does not write (float16, bfloat16),
-runs the eager ``update``; a program the generator cannot write, or a machine without a working C++
+contiguous param), or that is complex or in a dtype the generator does not write (float16; bfloat16
+outside a low-precision group), runs the eager ``update``; a program the generator cannot write, or a machine without a working C++
 compiler (one warning), runs each tensor through the ``torch.compile``'d kernels of ``compiled``. Within
 a few ulp of the loop: the kernel's ``sqrt`` is correctly rounded, ATen's float32 ``sqrt`` not always.
 """
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from scratchopt import precision
 from scratchopt.distributed.dtensor import local_shards
 from scratchopt.step_checks import group_settings, required_state_keys
 from scratchopt.strategies.base import Hyperparameters, Strategy, state_tensors
@@ -105,6 +110,23 @@ def _requirements(optimizer: ScratchOptimizer, group: dict[str, Any], count: boo
 _REQUIREMENTS: dict[tuple[Any, ...], tuple[int, tuple[str, ...]]] = {}
 
 
+def _float32_stand_in(tensor: Tensor) -> Tensor:
+    """A float32 1-d tensor of ``tensor``'s size that holds no memory: what a bfloat16 tensor of a
+    low-precision table is recorded as (recording reads no data)."""
+    return torch.zeros((1,), dtype=torch.float32, device=tensor.device).expand(tensor.numel())
+
+
+def _storage(optimizer: ScratchOptimizer, tables: Any) -> tuple[tuple[torch.dtype, ...] | None, tuple[int, ...] | None]:
+    """The dtype each input of the table's kernel is kept in and its seed slot (see
+    :func:`~scratchopt.strategies.kernels.native.cpp_source`), or (None, None) for a table in one dtype."""
+    if not tables.narrow and not tables.narrow_params:
+        return None, None
+    present = [index for index in range(len(optimizer.state_keys)) if tables.pattern >> index & 1]
+    own = torch.bfloat16 if tables.narrow_params else torch.float32
+    storage = (own, own, *(torch.bfloat16 if tables.narrow >> index & 1 else torch.float32 for index in present))
+    return storage, (0, -1, *(index + 1 for index in present))
+
+
 class Fused(Strategy):
     name = "fused"
     ulp = KERNEL_ULP
@@ -128,7 +150,10 @@ class Fused(Strategy):
         default_count = optimizer.default_count
         required, extra_keys = _requirements(optimizer, group, default_count)
         keys = optimizer.state_keys
-        tables = module.Tables(group["params"], optimizer.state, keys, default_count, _PLAIN, required, extra_keys)
+        low = precision.low_mode(group) if precision.is_low(group) else -1
+        tables = module.Tables(
+            group["params"], optimizer.state, keys, default_count, _PLAIN, required, extra_keys, max(low, 0)
+        )
         if tables.status != -1:
             return None  # nothing changed: the general path decides (and raises for bad input)
 
@@ -140,14 +165,26 @@ class Fused(Strategy):
                 # The algorithm's own bookkeeping may create state (SGD's momentum buffer): the table is
                 # read again after it.
                 values = optimizer.count_steps(params, group)
-                counted = module.Tables(params, optimizer.state, keys, False, _PLAIN, required, extra_keys)
-                if counted.status != -1:
-                    self.update_counted(optimizer, group, params, hyperparameters, values)
-                    return
-                self.launch_or_update(optimizer, group, counted, params, hyperparameters, values)
+                counted = module.Tables(params, optimizer.state, keys, False, _PLAIN, required, extra_keys, max(low, 0))
+                if low >= 0 and (counted.status != -1 or counted.pattern != tables.pattern):
+                    # The bookkeeping made state (in the param's dtype): stored as the group keeps it.
+                    made = [key for i, key in enumerate(keys) if not tables.pattern >> i & 1]
+                    for param in params:
+                        precision.cast_state(
+                            optimizer.state[param],
+                            tuple(made),
+                            param,
+                            precision.state_dtype_for(param, group),
+                            optimizer,
+                        )
+                    counted = module.Tables(
+                        params, optimizer.state, keys, False, _PLAIN, required, extra_keys, max(low, 0)
+                    )
+                self.launch_or_update(optimizer, group, counted, params, hyperparameters, values, low >= 0)
                 return
             tables.advance()
-            self.launch_or_update(optimizer, group, tables, params, hyperparameters, _counted(optimizer, group, tables))
+            values = _counted(optimizer, group, tables)
+            self.launch_or_update(optimizer, group, tables, params, hyperparameters, values, low >= 0)
 
         return step
 
@@ -159,9 +196,24 @@ class Fused(Strategy):
         params: list[Tensor],
         hyperparameters: Hyperparameters,
         values: list[dict[str, Any]],
+        low: bool = False,
     ) -> None:
-        if not self.launch(optimizer, tables, params, hyperparameters, values):
-            self.update_counted(optimizer, group, params, hyperparameters, values)
+        """The step of a table whose steps are counted: one kernel call, or the Python path where none
+        runs. A low-precision group's kernel widens the bfloat16 tensors, updates and rounds them back,
+        bit for bit :func:`scratchopt.precision.update` with the same seed, which is its Python path
+        (with that seed and the counted steps)."""
+        if not low:
+            if tables.status != -1 or not self.launch(optimizer, tables, params, hyperparameters, values):
+                self.update_counted(optimizer, group, params, hyperparameters, values)
+            return
+        seed = precision.step_seed() if precision.rounds_stochastically(group) else 0
+        if tables.status == -1 and self.launch(optimizer, tables, params, hyperparameters, values, seed):
+            return
+
+        def counted_update(o: Any, g: dict[str, Any], shadows: list[Tensor], h: Any, chunk: Any) -> None:
+            self.update_counted(o, g, shadows, h, chunk)
+
+        precision.update(optimizer, group, params, hyperparameters, counted_update, base=seed, counted=values)
 
     def update(
         self, optimizer: ScratchOptimizer, group: dict[str, Any], params: list[Tensor], hyperparameters: Hyperparameters
@@ -172,7 +224,7 @@ class Fused(Strategy):
             default_count = optimizer.default_count
             values = None if default_count else optimizer.count_steps(params, group)
             # The dispatcher checked the state: no requirements here.
-            tables = module.Tables(params, optimizer.state, optimizer.state_keys, default_count, _PLAIN, 0, ())
+            tables = module.Tables(params, optimizer.state, optimizer.state_keys, default_count, _PLAIN, 0, (), 0)
             if tables.status == -1:
                 tables.advance()
                 if default_count:
@@ -191,9 +243,11 @@ class Fused(Strategy):
         params: list[Tensor],
         hyperparameters: Hyperparameters,
         values: list[dict[str, Any]],
+        seed: int = 0,
     ) -> bool:
-        """One kernel call over a native table whose steps are counted; False (nothing changed) where the
-        params take different paths through the update or no kernel can be written for it."""
+        """One kernel call over a native table whose steps are counted (``seed``: the step's, for the
+        tensors it keeps in bfloat16); False (nothing changed) where the params take different paths
+        through the update or no kernel can be written for it."""
         rows: dict[tuple[Any, ...], list[float]] = {}
         trace: Trace | None = None
         shared = all(value is values[0] for value in values)  # one dict for all: the steady state
@@ -214,16 +268,17 @@ class Fused(Strategy):
             rows[key] = found[1]
         assert trace is not None
         if trace.kernel is None:
-            trace.kernel = native.kernel_for(trace.program) or False
+            trace.kernel = native.kernel_for(trace.program, *_storage(optimizer, tables)) or False
         if trace.kernel is False:
             return False
         threads = native.threads_for(tables.total)
+        noise = precision.native_noise().data_ptr()
         native.LAUNCHES[0] += 1
         if len(rows) == 1:
-            tables.launch(trace.kernel.address, next(iter(rows.values())) or [0.0], 0, threads)
+            tables.launch(trace.kernel.address, next(iter(rows.values())) or [0.0], 0, threads, seed, noise)
         else:
             tapes = [x for value in values for x in rows[tuple(value.items())]]
-            tables.launch(trace.kernel.address, tapes or [0.0], len(trace.program.tape), threads)
+            tables.launch(trace.kernel.address, tapes or [0.0], len(trace.program.tape), threads, seed, noise)
         return True
 
     def tape(
@@ -232,13 +287,18 @@ class Fused(Strategy):
         """The trace of the update for these arguments and its tape: a generated function's result in the
         steady state, a new recording (and trace) when none applies. None where it cannot be recorded."""
         assumptions = key_of(arguments)
-        key = None if assumptions is None else (optimizer.update, param.dtype, tables.pattern, assumptions)
+        # A table keeping some tensors in bfloat16 runs the float32 program (the kernel widens them).
+        storage = (tables.narrow, tables.narrow_params)
+        key = None if assumptions is None else (optimizer.update, param.dtype, tables.pattern, storage, assumptions)
         if key is not None:
             for trace in self.traces.get(key, ()):
                 tape = trace.tape_of(arguments)
                 if tape is not None:
                     return trace, tape
-        tensors = [t if t is None else t.view(-1) for t in (param, param.grad, *state_tensors(optimizer, param))]
+        tensors = [
+            t if t is None else t.view(-1) if t.dtype != torch.bfloat16 else _float32_stand_in(t)
+            for t in (param, param.grad, *state_tensors(optimizer, param))
+        ]
         try:
             program, found = tracing.trace(optimizer.update, tensors, arguments, record)
         except NotCompilable:

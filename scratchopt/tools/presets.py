@@ -40,6 +40,8 @@ class Preset:
     digits_batch_size: int
     #: Steps of the GPT-like model that each optimizer after AdamW trains beside it.
     gpt_curve_steps: int
+    #: Steps of the GPT-like model that AdamW trains with each precision of its state, from each seed.
+    precision_curve_steps: int
     #: The model whose optimizer step is timed against torch's: ``speed_layers`` × Linear(width, width).
     speed_layers: int
     speed_width: int
@@ -89,6 +91,7 @@ PRESETS: dict[str, Preset] = {
         regression_long_steps=50_000,
         digits_steps=1000,
         gpt_curve_steps=600,
+        precision_curve_steps=2000,
         digits_batch_size=128,
         speed_layers=16,
         speed_width=256,
@@ -97,8 +100,7 @@ PRESETS: dict[str, Preset] = {
         speed_rounds=6,
         algorithms=(),
         workloads=("mlp", "gpt", "tiny", "large"),
-        # bfloat16 state runs the eager reference path for now: chosen with --columns.
-        excluded_columns=("ours bf16 state",),
+        excluded_columns=(),
         modes=("set-to-none",),
         more_modes=(("set-to-zero", ("mlp", "tiny", "large")), ("accumulate-4", ("tiny", "large"))),
         more_modes_algorithms=("AdamW",),
@@ -120,6 +122,7 @@ PRESETS: dict[str, Preset] = {
         regression_long_steps=5_000,
         digits_steps=30,
         gpt_curve_steps=12,
+        precision_curve_steps=12,
         digits_batch_size=128,
         speed_layers=4,
         speed_width=64,
@@ -130,7 +133,14 @@ PRESETS: dict[str, Preset] = {
         workloads=("mlp", "gpt", "tiny", "large"),
         # The peers' columns apply to some rows only (DeepSpeed's Adam; the reference packages of
         # algorithms torch does not have, which none of these is): the full preset runs them.
-        excluded_columns=("ours compiled", "ours bf16 state", "deepspeed cpu adam", "reference package"),
+        excluded_columns=(
+            "ours compiled",
+            "ours bf16 state",
+            "ours 8-bit state",
+            "deepspeed cpu adam",
+            "reference package",
+            "bitsandbytes 8-bit",
+        ),
         modes=("set-to-none",),
         more_modes=(),
         more_modes_algorithms=(),

@@ -1,7 +1,7 @@
 """Native kernels: a recorded ``update`` written out as C++, compiled by the system compiler, and run
 over every tensor of a param group in one call.
 
-The generated function ``scratchopt_kernel(n, numels, ptrs, tapes, tape_stride, threads)`` updates
+The generated function ``scratchopt_kernel(n, numels, ptrs, tapes, tape_stride, threads, seed)`` updates
 ``n`` tensors in place through a table of pointers (``ptrs[j * k + i]`` is input ``i`` of tensor
 ``j``: the param, its gradient and its state tensors, each a dense 1-d run of ``numels[j]`` elements in
 memory order). Row ``j`` of ``tapes`` holds tensor ``j``'s scalars (``tape_stride`` 0: one row for all),
@@ -16,6 +16,14 @@ The C++ reproduces what ATen's CPU kernels compute: every operation in the tenso
 ``addcdiv(a, b, value=s)`` → ``self + s·a/b``, ``lerp`` by ATen's choice of formula on |weight| < ½;
 other contractions are off (``-ffp-contract=off``). ``sqrt`` is the correctly rounded one, which ATen's
 float32 ``sqrt`` is not always: params differ from the loop by a few ulp in a few elements.
+
+A float32 program may keep some of its tensors in bfloat16 (``storage``: low-precision state, a bfloat16
+param trained with stochastic rounding): such a tensor is widened to float32 as it is read and rounded
+back stochastically as it is written, with the random bits of
+:func:`scratchopt.precision.round_stochastically` (the tensor's seed, made from ``seed`` as
+:func:`scratchopt.precision.tensor_seed` makes it, picks where each block of 2¹⁶ elements reads the
+noise table), so the kernel gives bit for bit what the eager widen-update-round of
+:func:`scratchopt.precision.update` gives, in one pass.
 
 Only float32 and float64 programs of the operations below are generated; anything else raises
 :class:`Unsupported` and runs as it did before (the Inductor kernels of
@@ -75,6 +83,7 @@ MIN_PARALLEL_NUMEL = 65536
 _PRELUDE = r"""
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <algorithm>
 #include <omp.h>
 
@@ -84,6 +93,36 @@ template <typename T> static inline T so_minimum(T a, T b) { return (a < b || a 
 template <typename T> static inline T so_sign(T a) { return (T)(a > T(0)) - (T)(a < T(0)); }
 template <typename T> static inline T so_clamp_min(T a, T lo) { return a < lo ? lo : a; }
 template <typename T> static inline T so_clamp_max(T a, T hi) { return a > hi ? hi : a; }
+
+// bfloat16 storage: the top half of a float's bit pattern.
+static inline float so_widen(uint16_t b) {
+  const uint32_t bits = (uint32_t)b << 16;
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+// The seed of input `slot` of tensor j of a step (scratchopt.precision.tensor_seed).
+static inline uint32_t so_tensor_seed(int64_t seed, int64_t j, int64_t slot) {
+  return (uint32_t)seed + (uint32_t)(j * 0x10001 + slot + 1) * 0x9E3779B1u;
+}
+// Where block `block` of a tensor with seed s starts reading the noise table (scratchopt.precision.hash16).
+static inline int64_t so_block_start(uint32_t s, int64_t block) {
+  uint32_t x = (uint32_t)block * 0x9E3779B1u + s;
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  x ^= x >> 15;
+  return (int64_t)(x >> 16);
+}
+// value rounded to bfloat16 stochastically (scratchopt.precision.round_stochastically): 16 random bits
+// added to the low half of the bit pattern, which is then dropped; NaN stays quiet.
+static inline uint16_t so_round(float value, uint16_t noise) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  const uint32_t rounded = (bits + noise) >> 16;
+  return (uint16_t)((bits & 0x7FFFFFFFu) > 0x7F800000u ? ((bits >> 16) | 0x40u) : rounded);
+}
 """
 
 _DUNDER = {
@@ -257,23 +296,68 @@ class _Writer:
                 self.body.append(f"{result_kind} v{out} = {expression};")
 
 
-def cpp_source(program: Program) -> str:
+def cpp_source(
+    program: Program, storage: Sequence[torch.dtype] | None = None, slots: Sequence[int] | None = None
+) -> str:
     """The C++ of the kernel that replays ``program`` over a table of tensors; :class:`Unsupported` if
-    the program has something the generator does not write."""
+    the program has something the generator does not write. ``storage``: the dtype each input is kept
+    in (the program's by default; bfloat16 for some inputs of a float32 program); ``slots``: each
+    input's place in the seeds of a step (0 the param, ``i + 1`` the state key ``i``; −1 never rounded),
+    needed where an input kept in bfloat16 is written."""
     writer = _Writer(program)
     writer.write()
     k = program.n_inputs
-    storage = _CTYPE[writer.dtype]
     t = writer.t
+    kept = tuple(storage) if storage is not None else (writer.dtype,) * k
+    if len(kept) != k or any(d not in (writer.dtype, torch.bfloat16) for d in kept):
+        raise Unsupported(f"storage {kept} for a {writer.dtype} program of {k} inputs")
+    if torch.bfloat16 in kept and writer.dtype != torch.float32:
+        raise Unsupported("bfloat16 storage of a program that is not float32")
+    narrow = {i for i in range(k) if kept[i] == torch.bfloat16}
+    rounded = sorted(narrow & writer.written)
+    if rounded and (slots is None or len(slots) != k or any(slots[i] < 0 for i in rounded)):
+        raise Unsupported("a bfloat16 input is written but has no seed slot")
     used = sorted(writer.read | writer.written)
-    pointers = "\n".join(f"      {storage}* p{i} = ({storage}*)ptrs[j * {k} + {i}];" for i in used)
+    storage_type = {i: "uint16_t" if i in narrow else _CTYPE[writer.dtype] for i in used}
+    pointers = "\n".join(f"      {storage_type[i]}* p{i} = ({storage_type[i]}*)ptrs[j * {k} + {i}];" for i in used)
     scalars = "\n".join(f"      const {t} s{index} = ({t})tape[{index}];" for index in sorted(writer.scalars))
-    loads = "\n".join(f"        {t} x{i} = ({t})p{i}[e];" for i in used)
+    seeds = "\n".join(f"      const uint32_t r{i} = so_tensor_seed(seed, j, {slots[i]});" for i in rounded)  # type: ignore[index]
+    # Each block of 2¹⁶ elements reads a window of the noise table (scratchopt.precision.random_bits).
+    windows = "\n".join(f"        const uint16_t* q{i} = noise + so_block_start(r{i}, block);" for i in rounded)
+    loads = "\n".join(
+        f"        {t} x{i} = so_widen(p{i}[e]);" if i in narrow else f"        {t} x{i} = ({t})p{i}[e];" for i in used
+    )
     body = "\n".join(f"        {line}" for line in writer.body)
-    stores = "\n".join(f"        p{i}[e] = ({storage})x{i};" for i in sorted(writer.written))
+    stores = "\n".join(
+        f"        p{i}[e] = so_round(x{i}, q{i}[e - base]);"
+        if i in narrow
+        else f"        p{i}[e] = ({storage_type[i]})x{i};"
+        for i in sorted(writer.written)
+    )
+    elements = f"""      #pragma omp simd
+      for (int64_t e = lo; e < hi; ++e) {{
+{loads}
+{body}
+{stores}
+      }}"""
+    if rounded:
+        elements = f"""      for (int64_t b0 = lo; b0 < hi;) {{
+        const int64_t block = b0 >> 16, base = block << 16, b1 = std::min(hi, base + 65536);
+{windows}
+        #pragma omp simd
+        for (int64_t e = b0; e < b1; ++e) {{
+{loads}
+{body}
+{stores}
+        }}
+        b0 = b1;
+      }}"""
     return f"""{_PRELUDE}
 extern "C" void scratchopt_kernel(int64_t n, const int64_t* numels, void* const* ptrs, const double* tapes,
-                                  int64_t tape_stride, int64_t threads) {{
+                                  int64_t tape_stride, int64_t threads, int64_t seed, const void* noise_table) {{
+  (void)seed;
+  const uint16_t* noise = (const uint16_t*)noise_table;
+  (void)noise;
   int64_t total = 0;
   for (int64_t j = 0; j < n; ++j) total += numels[j];
   #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -286,13 +370,9 @@ extern "C" void scratchopt_kernel(int64_t n, const int64_t* numels, void* const*
       if (lo >= hi) continue;
       const double* tape = tapes + j * tape_stride;
 {scalars}
+{seeds}
 {pointers}
-      #pragma omp simd
-      for (int64_t e = lo; e < hi; ++e) {{
-{loads}
-{body}
-{stores}
-      }}
+{elements}
     }}
   }}
 }}
@@ -373,6 +453,8 @@ def load(source: str) -> Callable[..., Any]:
             ctypes.c_void_p,
             ctypes.c_int64,
             ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
         ]
         _LOADED[key] = function
         return function
@@ -392,18 +474,28 @@ class NativeKernel:
 
     __slots__ = ("address", "function", "n_inputs", "tape_length")
 
-    def __init__(self, program: Program) -> None:
-        self.function = load(cpp_source(program))
+    def __init__(
+        self, program: Program, storage: Sequence[torch.dtype] | None = None, slots: Sequence[int] | None = None
+    ) -> None:
+        self.function = load(cpp_source(program, storage, slots))
         #: The kernel's address, for the native runtime to call it without Python.
         self.address = ctypes.cast(self.function, ctypes.c_void_p).value  # type: ignore[arg-type]  # a CFuncPtr
         self.n_inputs = program.n_inputs
         self.tape_length = len(program.tape)
 
     def __call__(
-        self, numels: Sequence[int], pointers: Sequence[int], tapes: Sequence[float], shared_tape: bool
+        self,
+        numels: Sequence[int],
+        pointers: Sequence[int],
+        tapes: Sequence[float],
+        shared_tape: bool,
+        seed: int = 0,
+        noise: int = 0,
     ) -> None:
         """Run over ``len(numels)`` tensors: ``pointers`` holds ``n_inputs`` data pointers per tensor,
-        ``tapes`` one row of scalars per tensor, or one row for all when ``shared_tape``."""
+        ``tapes`` one row of scalars per tensor, or one row for all when ``shared_tape``; ``seed`` and
+        ``noise`` (the address of :func:`scratchopt.precision.native_noise`): for the tensors kept in
+        bfloat16."""
         numel_table = array("q", numels)
         pointer_table = array("q", pointers)
         tape_table = array("d", tapes or [0.0])
@@ -416,6 +508,8 @@ class NativeKernel:
             tape_table.buffer_info()[0],
             0 if shared_tape else self.tape_length,
             threads,
+            seed,
+            noise,
         )
 
 
@@ -425,14 +519,17 @@ _KERNELS: dict[tuple[Any, ...], NativeKernel | None] = {}
 _WARNED: list[str] = []
 
 
-def kernel_for(program: Program) -> NativeKernel | None:
-    """The native kernel of this program's structure, or None where the program cannot be written in C++
+def kernel_for(
+    program: Program, storage: tuple[torch.dtype, ...] | None = None, slots: tuple[int, ...] | None = None
+) -> NativeKernel | None:
+    """The native kernel of this program's structure (with its inputs kept in ``storage``, rounded with
+    the seeds of ``slots``: see :func:`cpp_source`), or None where the program cannot be written in C++
     (a dtype or an operation the generator does not write) or no compiler works (warned once)."""
-    key = program.structure()
+    key = (program.structure(), storage, slots)
     if key in _KERNELS:
         return _KERNELS[key]
     try:
-        kernel: NativeKernel | None = NativeKernel(program)
+        kernel: NativeKernel | None = NativeKernel(program, storage, slots)
     except NoCompiler as reason:
         kernel = None
         if not _WARNED:

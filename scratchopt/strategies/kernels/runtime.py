@@ -33,7 +33,8 @@ _SOURCE = r"""
 
 namespace py = pybind11;
 
-using Kernel = void (*)(int64_t, const int64_t*, void* const*, const double*, int64_t, int64_t);
+using Kernel = void (*)(int64_t, const int64_t*, void* const*, const double*, int64_t, int64_t, int64_t,
+                        const void*);
 
 // optimizer.state[param] without calling Tensor.__hash__ in Python: a tensor hashes to id(tensor), its
 // address (the caller checks this holds), and a Python int below 2**61 - 1 hashes to itself.
@@ -48,6 +49,7 @@ struct Row {
   PyObject* step_object = nullptr;
   int64_t numel = 0;
   uint64_t present = 0;        // bit i: the state tensor of keys[i] is present
+  uint64_t narrow = 0;         // bit i: ... and kept in bfloat16 (a low-precision group)
   at::ScalarType dtype = at::kFloat;
   int8_t kind = 0;             // 0: can run in the kernel; 1: no gradient; -1: cannot
   int8_t has_step = 0;
@@ -72,6 +74,8 @@ struct Tables {
   bool uniform = true;        // every param has the same step
   bool counted = false;       // the default step was counted
   uint64_t pattern = 0;       // bit i: the state tensor of keys[i] is present (the same for every param)
+  uint64_t narrow = 0;        // bit i: the state tensor of keys[i] is kept in bfloat16 (the same for every param)
+  bool narrow_params = false; // the params (and their gradients) are bfloat16
   std::vector<at::Tensor*> counters_;  // the steps advance() counts
   py::list alive_;                     // their Python tensors, held until then
   bool count_ = false;
@@ -81,8 +85,10 @@ struct Tables {
   // one; plain: the classes whose data may be read directly. The constructor changes nothing.
   // required: bit i, the state tensor of keys[i] must be present (bit len(keys): the step, when counted);
   // extra: other keys the state must have (an algorithm's own 0-d bookkeeping).
+  // low: bit 0, a float32 param's state tensors are bfloat16 (else every tensor is in the param's
+  // dtype); bit 1, bfloat16 params (with bfloat16 gradients and state) may run too.
   Tables(py::list group, py::dict state, py::tuple keys, bool count, py::tuple plain, uint64_t required,
-         py::tuple extra) {
+         py::tuple extra, int64_t low) {
     const Py_ssize_t n = PyList_GET_SIZE(group.ptr());
     const Py_ssize_t k = PyTuple_GET_SIZE(keys.ptr());
     PyObject* const tensor_type = PyTuple_GET_ITEM(plain.ptr(), 0);
@@ -121,7 +127,12 @@ struct Tables {
         const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // param.grad, without a Python lookup
         if (!g.defined()) { row.kind = 1; continue; }
         row.dtype = p.scalar_type();
-        if ((row.dtype != at::kFloat && row.dtype != at::kDouble) || !p.device().is_cpu() || !p.is_contiguous()) continue;
+        const bool narrow_param = (low & 2) != 0 && row.dtype == at::kBFloat16;
+        const at::ScalarType expected = row.dtype == at::kFloat && (low & 1) != 0 ? at::kBFloat16 : row.dtype;
+        if ((row.dtype != at::kFloat && row.dtype != at::kDouble && !narrow_param) || !p.device().is_cpu() ||
+            !p.is_contiguous()) {
+          continue;
+        }
         if (g.layout() != at::kStrided || !g.has_storage() || g.key_set().has(c10::DispatchKey::Python) ||
             g.scalar_type() != row.dtype || !g.device().is_cpu() || !g.is_contiguous() || g.sizes() != p.sizes()) {
           continue;
@@ -137,9 +148,10 @@ struct Tables {
           PyObject* value = item(param_state, key_objects[key], key_hashes[key]);
           if (value == nullptr || value == Py_None) continue;
           const at::Tensor* s = is_plain(value) ? &THPVariable_Unpack(value) : nullptr;
-          ok = s != nullptr && s->scalar_type() == row.dtype && s->device().is_cpu() && s->is_contiguous() &&
+          ok = s != nullptr && s->scalar_type() == expected && s->device().is_cpu() && s->is_contiguous() &&
                s->sizes() == p.sizes();
           if (ok) {
+            if (expected == at::kBFloat16) row.narrow |= uint64_t(1) << key;
             row.present |= uint64_t(1) << key;
             out[2 + __builtin_popcountll(row.present) - 1] = s->data_ptr();
           }
@@ -188,9 +200,11 @@ struct Tables {
       }
       seen[slot] = row.param;
       if (row.kind == 1) continue;  // no gradient
-      if (numels.empty()) { pattern = row.present; with_step = row.has_step; dtype = row.dtype; first = i; }
+      if (numels.empty()) {
+        pattern = row.present; narrow = row.narrow; with_step = row.has_step; dtype = row.dtype; first = i;
+      }
       // One kernel reads every tensor of the table in one dtype, and the same state tensors of each.
-      if (row.dtype != dtype || row.present != pattern || row.has_step != with_step) {
+      if (row.dtype != dtype || row.present != pattern || row.narrow != narrow || row.has_step != with_step) {
         status = i; return;
       }
       void* const* in = &row_pointers[i * (k + 2)];
@@ -203,6 +217,7 @@ struct Tables {
       }
     }
     if (numels.empty()) { status = -2; return; }
+    narrow_params = dtype == at::kBFloat16;
     // A key the update needs is missing from every param's state: the general path raises KeyError.
     const uint64_t have = pattern | (with_step > 0 ? uint64_t(1) << k : 0);
     if ((required & ~have) != 0) { status = first; return; }
@@ -233,10 +248,13 @@ struct Tables {
   int64_t size() const { return (int64_t)numels.size(); }
 
   // Run the kernel at address `kernel` over the table; `tapes` holds one row of scalars, or one per param.
-  void launch(uintptr_t kernel, const std::vector<double>& tapes, int64_t stride, int64_t threads) {
+  // seed, noise: the step's seed and the noise table's address, for the tensors kept in bfloat16.
+  void launch(uintptr_t kernel, const std::vector<double>& tapes, int64_t stride, int64_t threads, int64_t seed,
+              uintptr_t noise) {
     Kernel run = reinterpret_cast<Kernel>(kernel);
     py::gil_scoped_release release;
-    run((int64_t)numels.size(), numels.data(), pointers.data(), tapes.data(), stride, threads);
+    run((int64_t)numels.size(), numels.data(), pointers.data(), tapes.data(), stride, threads, seed,
+        reinterpret_cast<const void*>(noise));
   }
 };
 
@@ -301,49 +319,156 @@ py::object scalars(py::list tensors, int op, const std::vector<double>& values, 
 }
 
 // value (float32) rounded to bfloat16 stochastically into out (bfloat16), both contiguous, as
-// scratchopt.precision.round_stochastically computes it: 16 random bits per element, the top half of the
-// lowbias32 hash of (offset + index)·φ + seed (mod 2^32), added to the low half of the bit pattern, then
-// dropped.
+// scratchopt.precision.round_stochastically computes it: 16 random bits per element, entry
+// (o + i) mod 2^16 of the permutation `noise` (given twice over) for element i of block b = i >> 16, where
+// o is the top half of the lowbias32 hash of b·φ + seed (mod 2^32), added to the low half of the bit
+// pattern, then dropped.
+static inline uint32_t block_start(uint32_t s, int64_t block) {
+  uint32_t x = static_cast<uint32_t>(block) * 0x9E3779B1u + s;
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  x ^= x >> 15;
+  return x >> 16;
+}
+
 // One range of elements; compiled for AVX-512 and AVX2 besides the baseline, the CPU's chosen when the
-// module loads (the 32-bit multiplies of the hash vectorise only there).
+// module loads.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void round_range(const uint32_t* in, uint16_t* result, int64_t begin, int64_t end, int64_t offset,
-                        uint32_t s) {
-  for (int64_t i = begin; i < end; ++i) {
-    uint32_t x = static_cast<uint32_t>(i + offset) * 0x9E3779B1u + s;
-    x ^= x >> 16;
-    x *= 0x21F0AAADu;
-    x ^= x >> 15;
-    x *= 0x735A2D97u;
-    x ^= x >> 15;
-    const uint32_t bits = in[i];
-    const uint32_t rounded = (bits + (x >> 16)) >> 16;
-    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    result[i] = static_cast<uint16_t>(nan ? ((bits >> 16) | 0x40u) : rounded);
+static void round_range(const uint32_t* __restrict in, uint16_t* __restrict result, int64_t begin, int64_t end,
+                        int64_t offset, uint32_t s, const uint16_t* __restrict noise) {
+  for (int64_t b0 = begin; b0 < end;) {
+    const int64_t block = (b0 + offset) >> 16;
+    const int64_t base = (block << 16) - offset;  // local index of the block's first element
+    const int64_t b1 = std::min(end, base + 65536);
+    const uint16_t* window = noise + block_start(s, block);
+    for (int64_t i = b0; i < b1; ++i) {
+      const uint32_t bits = in[i];
+      const uint32_t rounded = (bits + window[i - base]) >> 16;
+      const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+      result[i] = static_cast<uint16_t>(nan ? ((bits >> 16) | 0x40u) : rounded);
+    }
+    b0 = b1;
   }
 }
 
-static void round_stochastically(const at::Tensor& value, at::Tensor& out, int64_t seed, int64_t offset) {
+static void round_stochastically(const at::Tensor& value, at::Tensor& out, int64_t seed, int64_t offset,
+                                 const at::Tensor& noise) {
   TORCH_CHECK(value.scalar_type() == at::kFloat && out.scalar_type() == at::kBFloat16, "float32 to bfloat16");
   TORCH_CHECK(value.is_contiguous() && out.is_contiguous() && value.numel() == out.numel(), "contiguous, same size");
+  TORCH_CHECK(noise.scalar_type() == at::kShort && noise.is_contiguous() && noise.numel() == 2 * 65536, "the noise table");
   const uint32_t* in = reinterpret_cast<const uint32_t*>(value.data_ptr<float>());
   uint16_t* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint16_t* table = reinterpret_cast<const uint16_t*>(noise.data_ptr<int16_t>());
   const uint32_t s = static_cast<uint32_t>(seed);
   at::parallel_for(0, value.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    round_range(in, result, begin, end, offset, s);
+    round_range(in, result, begin, end, offset, s, table);
+  });
+  if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
+}
+
+// The codes of one block's elements, divided by d, one table load each (scratchopt.quantization.lookup_table);
+// vectorised (with gathers) for AVX2 and AVX-512.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void code_range(const float* __restrict x, uint8_t* __restrict codes, int64_t lo, int64_t hi, float d,
+                       const int32_t* __restrict table) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const float v = x[i] / d;
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    const int32_t entry = table[bits >> 16];
+    const int32_t low = (int32_t)(bits & 0xFFFFu) ^ ((int32_t)(bits >> 31) * 0xFFFF);
+    codes[i] = static_cast<uint8_t>((entry & 0xFF) + (low >= (entry >> 8) ? 1 : 0));
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void value_range(const uint8_t* __restrict codes, float* __restrict y, int64_t lo, int64_t hi, float a,
+                        const float* __restrict table) {
+  for (int64_t i = lo; i < hi; ++i) y[i] = table[codes[i]] * a;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static uint32_t block_absmax_bits(const uint32_t* __restrict x, int64_t lo, int64_t hi) {
+  uint32_t top = 0;
+  for (int64_t i = lo; i < hi; ++i) top = std::max(top, x[i] & 0x7FFFFFFFu);
+  return top;
+}
+
+// Blockwise 8-bit quantisation (scratchopt.quantization): the codes of `values` (float32, n) into
+// `codes` (uint8, n) and each block's absolute maximum into `maxima` (the bytes of a float32 per block of
+// 256), as quantize_in_torch defines them.
+static void quantize_blockwise(const at::Tensor& values, at::Tensor& codes_out, at::Tensor& maxima_out,
+                               const at::Tensor& lookup) {
+  const int64_t n = values.numel(), blocks = (n + 255) / 256;
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "float32 contiguous values");
+  TORCH_CHECK(codes_out.scalar_type() == at::kByte && codes_out.is_contiguous() && codes_out.numel() == n, "codes");
+  TORCH_CHECK(maxima_out.scalar_type() == at::kByte && maxima_out.is_contiguous() && maxima_out.numel() == 4 * blocks,
+              "maxima");
+  TORCH_CHECK(lookup.numel() == 65536 && lookup.scalar_type() == at::kInt && lookup.is_contiguous(), "the lookup");
+  const float* x = values.data_ptr<float>();
+  uint8_t* codes = codes_out.data_ptr<uint8_t>();
+  uint8_t* maxima = maxima_out.data_ptr<uint8_t>();
+  const int32_t* table = lookup.data_ptr<int32_t>();
+  uint8_t zero;
+  const float nothing = 0.0f;
+  code_range(&nothing, &zero, 0, 1, 1.0f, table);
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * 256, hi = std::min(n, lo + 256);
+      // |x| ordered as its bit pattern: an integer maximum, which vectorises; NaN and inf lie above.
+      const uint32_t top = block_absmax_bits(reinterpret_cast<const uint32_t*>(x), lo, hi);
+      const bool finite = top < 0x7F800000u;
+      float a;
+      std::memcpy(&a, &top, 4);
+      if (!finite) a = std::numeric_limits<float>::quiet_NaN();
+      std::memcpy(maxima + 4 * b, &a, 4);
+      if (!finite) {
+        std::memset(codes + lo, zero, hi - lo);
+        continue;
+      }
+      code_range(x, codes, lo, hi, a > 0.0f ? a : 1.0f, table);
+    }
+  });
+  if (!codes_out.is_inference()) codes_out.unsafeGetTensorImpl()->bump_version();
+}
+
+// The float32 values of codes and their blocks' maxima: map[c_i] * a_b.
+static void dequantize_blockwise(const at::Tensor& codes_in, const at::Tensor& maxima_in, at::Tensor& out,
+                                 const at::Tensor& map) {
+  const int64_t n = out.numel(), blocks = (n + 255) / 256;
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "float32 contiguous output");
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.is_contiguous() && codes_in.numel() == n, "codes");
+  TORCH_CHECK(maxima_in.scalar_type() == at::kByte && maxima_in.is_contiguous() && maxima_in.numel() == 4 * blocks,
+              "maxima");
+  TORCH_CHECK(map.scalar_type() == at::kFloat && map.numel() == 256, "the map");
+  const uint8_t* codes = codes_in.data_ptr<uint8_t>();
+  const uint8_t* maxima = maxima_in.data_ptr<uint8_t>();
+  const float* table = map.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float a;
+      std::memcpy(&a, maxima + 4 * b, 4);
+      const int64_t lo = b * 256, hi = std::min(n, lo + 256);
+      value_range(codes, y, lo, hi, a, table);
+    }
   });
   if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Tables>(m, "Tables")
-      .def(py::init<py::list, py::dict, py::tuple, bool, py::tuple, uint64_t, py::tuple>())
+      .def(py::init<py::list, py::dict, py::tuple, bool, py::tuple, uint64_t, py::tuple, int64_t>())
       .def_readonly("status", &Tables::status)
       .def_readonly("uniform", &Tables::uniform)
       .def_readonly("steps", &Tables::steps)
       .def_readonly("total", &Tables::total)
       .def_readonly("counted", &Tables::counted)
       .def_readonly("pattern", &Tables::pattern)
+      .def_readonly("narrow", &Tables::narrow)
+      .def_readonly("narrow_params", &Tables::narrow_params)
       .def_readonly("params", &Tables::params)
       .def("size", &Tables::size)
       .def("advance", &Tables::advance)
@@ -351,6 +476,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("first_mismatch", &first_mismatch);
   m.def("scalars", &scalars);
   m.def("round_stochastically", &round_stochastically);
+  m.def("quantize_blockwise", &quantize_blockwise);
+  m.def("dequantize_blockwise", &dequantize_blockwise);
 }
 """
 
@@ -358,7 +485,9 @@ _module: Any = None
 _state = "new"  # new → building → ready | failed
 _lock = threading.Lock()
 #: The extension's name: a new source gets a new name, so a process never mixes two builds.
-NAME = "scratchopt_runtime_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+#: The compiler flags: OpenMP for ATen's parallel_for, which is inline in this source.
+_FLAGS = ("-O3", "-fopenmp")
+NAME = "scratchopt_runtime_" + hashlib.sha256("\n".join([_SOURCE, *_FLAGS]).encode()).hexdigest()[:12]
 
 
 def build_directory() -> Path:
@@ -376,7 +505,12 @@ def _load() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_inline(
-            NAME, cpp_sources=[_SOURCE], build_directory=str(directory), extra_cflags=["-O3"], verbose=False
+            NAME,
+            cpp_sources=[_SOURCE],
+            build_directory=str(directory),
+            extra_cflags=list(_FLAGS),
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
         )
 
 

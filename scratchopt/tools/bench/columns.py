@@ -69,10 +69,16 @@ DEEPSPEED = "deepspeed cpu adam"
 #: The reference implementation an algorithm without a torch twin is proven against (its
 #: ``reference_class``), run where that package is installed.
 REFERENCE = "reference package"
-PEER_COLUMNS = (DEEPSPEED, REFERENCE)
-#: Ours fused with the state kept in bfloat16 (:mod:`scratchopt.precision`), for elementwise algorithms.
+#: bitsandbytes' 8-bit blockwise optimizers (its CPU path), where it is installed, for the algorithms it has.
+BITSANDBYTES = "bitsandbytes 8-bit"
+_BITSANDBYTES_CLASSES = {"Adam": "Adam8bit", "AdamW": "AdamW8bit", "Lion": "Lion8bit"}
+PEER_COLUMNS = (DEEPSPEED, REFERENCE, BITSANDBYTES)
+#: Ours fused with the state kept in bfloat16 and in blockwise 8-bit (:mod:`scratchopt.precision`), for
+#: elementwise algorithms.
 OURS_BF16_STATE = "ours bf16 state"
-PRECISION_COLUMNS = (OURS_BF16_STATE,)
+OURS_8BIT_STATE = "ours 8-bit state"
+PRECISION_COLUMNS = (OURS_BF16_STATE, OURS_8BIT_STATE)
+_STATE_DTYPES: dict[str, Any] = {OURS_BF16_STATE: torch.bfloat16, OURS_8BIT_STATE: "8bit"}
 COLUMNS = TORCH_COLUMNS + OURS_COLUMNS + PRECISION_COLUMNS + PEER_COLUMNS
 #: Columns whose parameters must equal torch's for-loop bit for bit after the same steps (on the CPU): the
 #: strategies bit-exact with the loop, and the loop.
@@ -81,7 +87,11 @@ BIT_EXACT_COLUMNS = tuple(ours(name) for name, strategy in strategies.STRATEGIES
 
 def preset_columns(preset: Preset) -> list[str]:
     """The columns ``preset`` runs by default (a peer's only where it is installed)."""
-    installed = {DEEPSPEED: importlib.util.find_spec("deepspeed") is not None, REFERENCE: True}
+    installed = {
+        DEEPSPEED: importlib.util.find_spec("deepspeed") is not None,
+        REFERENCE: True,
+        BITSANDBYTES: importlib.util.find_spec("bitsandbytes") is not None,
+    }
     return [
         column
         for column in COLUMNS
@@ -143,12 +153,33 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
         if twin is None:
             raise ValueError(f"torch.optim has no twin of {row.cls.__name__}")
         return twin(model.parameters(), **row.kwargs, **TORCH_FLAGS[column])
-    if column == OURS_BF16_STATE:
+    if column == BITSANDBYTES:
+        return _bitsandbytes(row, model)
+    if column in _STATE_DTYPES:
         if not row.cls.elementwise:
             raise ValueError(f"{row.cls.__name__} is not elementwise: its state stays in the params' dtype")
-        return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl="fused", state_dtype=torch.bfloat16)
+        return catalog.construct(
+            row.cls, model.parameters(), **row.kwargs, impl="fused", state_dtype=_STATE_DTYPES[column]
+        )
     impl = column.removeprefix("ours ")
     return catalog.construct(row.cls, model.parameters(), **row.kwargs, impl=impl)
+
+
+def _bitsandbytes(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit optimizer of the row's algorithm (block size 256, tensors from 4096 elements
+    quantised, as ours), with the row's arguments."""
+    name = _BITSANDBYTES_CLASSES.get(row.cls.__name__)
+    if name is None or row.kwargs.get("amsgrad"):
+        raise ValueError(f"bitsandbytes has no 8-bit {row.cls.__name__} here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("bitsandbytes is not installed (pip install bitsandbytes)")
+    import bitsandbytes  # type: ignore[import-not-found, unused-ignore]
+
+    defaults = {n: p.default for n, p in inspect.signature(row.cls).parameters.items()}
+    arguments = {**defaults, **row.kwargs}
+    kept = {k: arguments[k] for k in ("lr", "betas", "eps", "weight_decay") if k in arguments}
+    optimizer: torch.optim.Optimizer = getattr(bitsandbytes.optim, name)(model.parameters(), **kept, min_8bit_size=4096)
+    return optimizer
 
 
 def _deepspeed_adam(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:

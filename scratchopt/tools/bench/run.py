@@ -26,6 +26,8 @@ from scratchopt.tools.bench import cold_start, memory, roofline, rss
 from scratchopt.tools.bench.columns import (
     COLUMNS,
     MODES,
+    OURS_8BIT_STATE,
+    OURS_BF16_STATE,
     OURS_COMPILED,
     OURS_FUSED,
     REFERENCE_COLUMN,
@@ -224,10 +226,10 @@ def resident_memory(
     threads: int,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Peak-RSS growth of torch fused's and ours fused's loops (:mod:`~scratchopt.tools.bench.rss`), each
-    in a fresh process, on every workload of the run and (full preset) on 100M parameters; for AdamW,
-    or the first algorithm run."""
-    measured_columns = [c for c in (TORCH_FUSED, OURS_FUSED) if c in columns]
+    """Peak-RSS growth of torch fused's and ours fused's loops, and the low-precision columns' where they
+    run (:mod:`~scratchopt.tools.bench.rss`), each in a fresh process, on every workload of the run and
+    (full preset) on 100M parameters; for AdamW, or the first algorithm run."""
+    measured_columns = [c for c in (TORCH_FUSED, OURS_FUSED, OURS_BF16_STATE, OURS_8BIT_STATE) if c in columns]
     labels = list(dict.fromkeys(row.algorithm for row in rows))
     if not measured_columns or not labels:
         return []

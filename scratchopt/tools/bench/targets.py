@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from scratchopt.tools.bench.cold_start import CACHED
-from scratchopt.tools.bench.columns import DEEPSPEED, DEFAULT_MODE, OURS_FUSED, REFERENCE, TORCH_FUSED, algorithm_rows
+from scratchopt.tools.bench.columns import (
+    BITSANDBYTES,
+    DEEPSPEED,
+    DEFAULT_MODE,
+    OURS_8BIT_STATE,
+    OURS_BF16_STATE,
+    OURS_FUSED,
+    REFERENCE,
+    TORCH_FUSED,
+    algorithm_rows,
+)
 from scratchopt.tools.bench.rss import WIDE
 
 #: The algorithm the speed-up, tiny-model and roofline goals are stated for.
@@ -43,6 +53,14 @@ ROOFLINE_LIMIT = 1.1
 ROOFLINE_WORKLOADS = ("gpt", "large")
 #: The first fused step in a fresh process (compiling, or loading from the cache) may take this long.
 FIRST_STEP_LIMIT_S = 10.0
+#: Low-precision state (AdamW, on these workloads): (column, most of ours fused's step time it may take,
+#: most state bytes per parameter).
+PRECISION_GOALS = ((OURS_BF16_STATE, 0.85, 4.0 + 0.05), (OURS_8BIT_STATE, 0.75, 2.1))
+PRECISION_WORKLOADS = ("gpt", "large")
+#: How much faster than bitsandbytes' 8-bit AdamW ours aims to be.
+BITSANDBYTES_SPEEDUP = 15.0
+#: How much less the peak RSS of 8-bit state's loop grows at 100M parameters than torch fused's, in MB.
+EIGHT_BIT_MEMORY_SAVING_MB = 500.0
 #: The peak-RSS growth of ours fused's loop may exceed torch fused's by at most this fraction of the
 #: optimizer's state, on the 100M-parameter model.
 EXTRA_MEMORY_LIMIT = 0.01
@@ -137,6 +155,54 @@ def _fastest_torch_goal(row: Any, where: str) -> list[Goal]:
     ]
 
 
+def _precision_goals(row: Any, where: str) -> list[Goal]:
+    """Low-precision state against ours fused: step time and state bytes; 8-bit against bitsandbytes."""
+    found = []
+    fused = row.step_ms.get(OURS_FUSED)
+    for column, most_time, most_bytes in PRECISION_GOALS:
+        if column not in row.step_ms or not fused:
+            continue
+        share = row.step_ms[column] / fused
+        found.append(
+            Goal(
+                where,
+                f"{column} vs {OURS_FUSED}",
+                share,
+                most_time,
+                False,
+                f"{column}'s step takes {share:.2f}× {OURS_FUSED}'s",
+                f"at most {most_time:g}× {OURS_FUSED}'s",
+            )
+        )
+        state = row.state_B_per_param.get(column)
+        if state is not None:
+            found.append(
+                Goal(
+                    where,
+                    f"{column}: state bytes per parameter",
+                    state,
+                    most_bytes,
+                    False,
+                    f"{column} keeps {state:.2f} bytes of state per parameter",
+                    f"at most {most_bytes:g}",
+                )
+            )
+    if BITSANDBYTES in row.step_ms and OURS_8BIT_STATE in row.step_ms:
+        ratio = row.ratio(BITSANDBYTES, OURS_8BIT_STATE)
+        found.append(
+            Goal(
+                where,
+                f"{OURS_8BIT_STATE} vs {BITSANDBYTES}",
+                ratio,
+                BITSANDBYTES_SPEEDUP,
+                True,
+                f"{OURS_8BIT_STATE} is {speed(ratio)} {BITSANDBYTES}" if ratio else "",
+                _goal_speed(BITSANDBYTES_SPEEDUP),
+            )
+        )
+    return found
+
+
 def targets(
     rows: list[Any],
     workloads: dict[str, dict[str, Any]],
@@ -167,12 +233,32 @@ def targets(
                 f"not measured: {failed}" if failed else "not measured",
             )
         )
+    eight_bit, theirs = by_column.get((WIDE, OURS_8BIT_STATE)), by_column.get((WIDE, TORCH_FUSED))
+    if eight_bit is not None and theirs is not None:
+        failed = eight_bit.get("error") or theirs.get("error")
+        saved = None if failed else theirs["peak_growth_MB"] - eight_bit["peak_growth_MB"]
+        found.append(
+            Goal(
+                f"{eight_bit['algorithm']}, {WIDE}",
+                f"peak RSS growth of {OURS_8BIT_STATE} below {TORCH_FUSED}'s",
+                saved,
+                EIGHT_BIT_MEMORY_SAVING_MB,
+                True,
+                f"{OURS_8BIT_STATE}'s loop grows the peak RSS by {saved:.0f} MB less than {TORCH_FUSED}'s"
+                if saved is not None
+                else "",
+                f"at least {EIGHT_BIT_MEMORY_SAVING_MB:.0f} MB less",
+                f"not measured: {failed}" if failed else "not measured",
+            )
+        )
     for row in rows:
         if row.mode != DEFAULT_MODE:
             continue
         where = f"{row.algorithm}, {workloads[row.workload]['description']}"
         ran = row.step_ms | row.notes
         found += _fastest_torch_goal(row, where)
+        if row.algorithm == GOAL_ALGORITHM and row.workload in PRECISION_WORKLOADS:
+            found += _precision_goals(row, where)
         goal = REFERENCE_GOALS.get(row.workload)
         if goal is not None and REFERENCE in row.step_ms and OURS_FUSED in row.step_ms:
             ratio = row.ratio(REFERENCE, OURS_FUSED)

@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from scratchopt.algorithms import ALGORITHMS
 from scratchopt.tools.presets import preset as named_preset
-from scratchopt.tools.report import beyond_adamw, memory, regression, speed, torch_parity, toy
+from scratchopt.tools.report import beyond_adamw, low_precision, memory, regression, speed, torch_parity, toy
 from scratchopt.tools.report import html as h
 from scratchopt.tools.report.plotting import FigureWriter
 from scratchopt.tools.report.seed_figures import MATCHES
 
-SECTIONS: tuple[ModuleType, ...] = (toy, regression, torch_parity, beyond_adamw, speed, memory)
+SECTIONS: tuple[ModuleType, ...] = (toy, regression, torch_parity, beyond_adamw, low_precision, speed, memory)
 SUMMARY_ANCHOR = "seed-figures"
 #: The report runs torch single-threaded. Its tensors are small, so a second intra-op thread gains little,
 #: and on a machine with few cores it stalls whenever another process holds the other one: step times turn
