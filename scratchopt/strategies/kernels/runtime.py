@@ -29,6 +29,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <thread>
 #include <vector>
 
 namespace py = pybind11;
@@ -318,6 +319,23 @@ py::object scalars(py::list tensors, int op, const std::vector<double>& values, 
   return out;
 }
 
+// f(begin, end) over [0, n) split among torch's threads (one range below 2 * grain). at::parallel_for
+// is OpenMP inline in its header, and this extension is built without OpenMP (a second OpenMP runtime
+// beside torch's can abort a process as it exits): plain threads, joined before returning.
+template <typename F>
+static void split(int64_t n, int64_t grain, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / grain, 1));
+  if (threads <= 1) {
+    f(0, n);
+    return;
+  }
+  std::vector<std::thread> helpers;
+  helpers.reserve(threads - 1);
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back([&, t] { f(n * t / threads, n * (t + 1) / threads); });
+  f(0, n / threads);
+  for (std::thread& helper : helpers) helper.join();
+}
+
 // value (float32) rounded to bfloat16 stochastically into out (bfloat16), both contiguous, as
 // scratchopt.precision.round_stochastically computes it: 16 random bits per element, entry
 // (o + i) mod 2^16 of the permutation `noise` (given twice over) for element i of block b = i >> 16, where
@@ -362,7 +380,7 @@ static void round_stochastically(const at::Tensor& value, at::Tensor& out, int64
   uint16_t* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const uint16_t* table = reinterpret_cast<const uint16_t*>(noise.data_ptr<int16_t>());
   const uint32_t s = static_cast<uint32_t>(seed);
-  at::parallel_for(0, value.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+  split(value.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     round_range(in, result, begin, end, offset, s, table);
   });
   if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
@@ -414,7 +432,7 @@ static void quantize_blockwise(const at::Tensor& values, at::Tensor& codes_out, 
   uint8_t zero;
   const float nothing = 0.0f;
   code_range(&nothing, &zero, 0, 1, 1.0f, table);
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+  split(blocks, 128, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t lo = b * 256, hi = std::min(n, lo + 256);
       // |x| ordered as its bit pattern: an integer maximum, which vectorises; NaN and inf lie above.
@@ -447,7 +465,7 @@ static void dequantize_blockwise(const at::Tensor& codes_in, const at::Tensor& m
   const uint8_t* maxima = maxima_in.data_ptr<uint8_t>();
   const float* table = map.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+  split(blocks, 128, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float a;
       std::memcpy(&a, maxima + 4 * b, 4);
@@ -485,8 +503,7 @@ _module: Any = None
 _state = "new"  # new → building → ready | failed
 _lock = threading.Lock()
 #: The extension's name: a new source gets a new name, so a process never mixes two builds.
-#: The compiler flags: OpenMP for ATen's parallel_for, which is inline in this source.
-_FLAGS = ("-O3", "-fopenmp")
+_FLAGS = ("-O3",)
 NAME = "scratchopt_runtime_" + hashlib.sha256("\n".join([_SOURCE, *_FLAGS]).encode()).hexdigest()[:12]
 
 
@@ -509,7 +526,6 @@ def _load() -> Any:
             cpp_sources=[_SOURCE],
             build_directory=str(directory),
             extra_cflags=list(_FLAGS),
-            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
 
