@@ -32,6 +32,10 @@ as this eager reference.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import platform
 import threading
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
@@ -155,8 +159,40 @@ def cast_state(
             continue
         if dtype == EIGHT_BIT:
             state[key] = quantization.quantize(value.float().contiguous(), signed(key, nonnegative))
+            _freed(value.numel() * value.element_size())
         elif value.dtype != dtype:
             state[key] = value.to(dtype)
+            _freed(value.numel() * value.element_size())
+
+
+#: Bytes of state freed after narrowing it, after which the freed heap pages go back to the OS.
+RELEASE_BYTES = 8 << 20
+_FREED = [0]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None with another C library."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _freed(nbytes: int) -> None:
+    """Count the bytes of a state tensor that a low-precision one replaced. Each param's first step makes
+    its state in float32 (the algorithm's ``init_state``) and narrows it: the short-lived float32 tensors
+    and the long-lived narrow ones alternate on the heap, and the holes they leave stay resident (about
+    as much again as the packed state, for a model of many mid-sized layers). Every :data:`RELEASE_BYTES`
+    freed, glibc is asked to return the free pages."""
+    _FREED[0] += nbytes
+    if _FREED[0] >= RELEASE_BYTES:
+        _FREED[0] = 0
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
 
 def hash16(index: Tensor, seed: int) -> Tensor:
@@ -282,10 +318,17 @@ def rounds_stochastically(group: dict[str, Any]) -> bool:
     return group.get("state_dtype", torch.float32) == torch.bfloat16 or bool(group.get("stochastic_rounding"))
 
 
-def low_mode(group: dict[str, Any]) -> int:
-    """What a native kernel of the group keeps in bfloat16: bit 0, a float32 param's state tensors
-    (``state_dtype=torch.bfloat16``); bit 1, bfloat16 params trained with stochastic rounding."""
-    return (group.get("state_dtype", torch.float32) == torch.bfloat16) | (bool(group.get("stochastic_rounding")) << 1)
+def low_mode(optimizer: Any, group: dict[str, Any]) -> int:
+    """What a native kernel of the group keeps in low precision (the native runtime's ``low``): bit 0, a
+    float32 param's state tensors in bfloat16 (``state_dtype=torch.bfloat16``); bit 1, bfloat16 params
+    trained with stochastic rounding; bit 2, 8-bit state, with bit 8 + i set where state key i is packed
+    (in the params of :data:`~scratchopt.quantization.MIN_NUMEL` elements or more)."""
+    wanted = group.get("state_dtype", torch.float32)
+    mode = (wanted == torch.bfloat16) | (bool(group.get("stochastic_rounding")) << 1)
+    if wanted == EIGHT_BIT:
+        keys = optimizer.state_keys
+        mode |= 4 | sum(1 << (8 + i) for i, key in enumerate(keys) if kept_as(optimizer, key, wanted) == EIGHT_BIT)
+    return mode
 
 
 def update(

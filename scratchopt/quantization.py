@@ -136,6 +136,15 @@ def lookup_table(signed: bool = True) -> Tensor:
     return (first | (threshold << 8)).to(torch.int32)
 
 
+@functools.cache
+def native_tables() -> Tensor:
+    """What a generated kernel with 8-bit state reads (int32, contiguous): the signed and the unsigned
+    :func:`dynamic_map` (256 float32 each, as their bit patterns), their :func:`lookup_table` (65536
+    entries each)."""
+    maps = torch.cat([dynamic_map(True), dynamic_map(False)]).view(torch.int32)
+    return torch.cat([maps, lookup_table(True), lookup_table(False)]).contiguous()
+
+
 def _floats(bits: Tensor) -> Tensor:
     """The float32 numbers of 32-bit patterns given as int64."""
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)

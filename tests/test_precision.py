@@ -444,6 +444,13 @@ NATIVE_LOW = [
     ("ScheduleFreeAdamW", {"state_dtype": torch.bfloat16}, torch.float32),
     ("AdamW", {"stochastic_rounding": True}, torch.bfloat16),
     ("SGD", {"momentum": 0.9, "stochastic_rounding": True}, torch.bfloat16),
+    # 8-bit state: the large param's packed, the small ones' float32, in one kernel.
+    ("AdamW", {"state_dtype": "8bit"}, torch.float32),
+    ("AdamW", {"state_dtype": "8bit", "amsgrad": True}, torch.float32),
+    ("SGD", {"momentum": 0.9, "state_dtype": "8bit"}, torch.float32),
+    ("Adan", {"state_dtype": "8bit"}, torch.float32),
+    ("Lion", {"state_dtype": "8bit"}, torch.float32),
+    ("ScheduleFreeAdamW", {"state_dtype": "8bit"}, torch.float32),
 ]
 
 
@@ -461,10 +468,13 @@ def _low_run(name, kwargs, dtype, steps=4):
 
 
 @pytest.mark.parametrize(("name", "kwargs", "dtype"), NATIVE_LOW, ids=lambda v: str(v) if isinstance(v, str) else "")
-def test_the_fused_kernel_keeps_bfloat16_in_place_bit_for_bit_the_widened_step(name, kwargs, dtype, monkeypatch):
-    """The generated kernel reads the bfloat16 tensors, updates in float32 and rounds back in one pass:
-    bit for bit the eager widen-update-round of precision.update running the same strategy, at the same
-    seeds; after the first step (which makes the state) no float32 copy is made."""
+def test_the_fused_kernel_keeps_low_precision_state_in_place_bit_for_bit_the_widened_step(
+    name, kwargs, dtype, monkeypatch
+):
+    """The generated kernel reads the bfloat16 (or 8-bit) tensors, updates in float32 and rounds (or
+    quantises) them back in one pass: bit for bit the eager widen-update-narrow of precision.update running
+    the same strategy, at the same seeds; after the first step (which makes the state) no float32 copy is
+    made."""
     if runtime.ready() is None:
         runtime._build(in_process=True)
     widened = []
@@ -482,7 +492,7 @@ def test_the_fused_kernel_keeps_bfloat16_in_place_bit_for_bit_the_widened_step(n
     assert len(native) == len(reference)
     for a, b in zip(native, reference):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    assert any(t.dtype == torch.bfloat16 for t in native[3:])
+    assert any(t.dtype in (torch.bfloat16, torch.uint8) for t in native[3:])
 
 
 def test_a_table_the_kernel_cannot_take_falls_back_with_the_same_seed(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 import scratchopt
 from scratchopt import precision, quantization
 from scratchopt.algorithms import ALGORITHMS
-from scratchopt.strategies.kernels import runtime
+from scratchopt.strategies.kernels import native, recording, runtime
 from scratchopt.testing import gradients, saved_and_loaded
 
 ELEMENTWISE = [name for name, cls in ALGORITHMS.items() if getattr(cls, "elementwise", False)]
@@ -112,10 +112,9 @@ def test_block_edges_zero_constant_and_non_finite_blocks():
     assert abs(back[-2].item() + 0.25) <= 0.5 * 0.01 and abs(back[-1].item() - 0.125) <= 0.5 * 0.01
 
 
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_the_native_passes_are_the_torch_definition_bit_for_bit(signed):
+def _hard_values(signed: bool) -> torch.Tensor:
     """Values of every magnitude, blocks whose maximum is 1 holding the float32 numbers on and next to
-    every midpoint of the map, signed zeros, zero and non-finite blocks, a short last block; slices."""
+    every midpoint of the map, signed zeros, zero and non-finite blocks, a short last block."""
     mids = quantization.midpoints(signed)
     bits = mids.view(torch.int32)
     near = torch.cat([(bits + d).view(torch.float32) for d in range(-3, 4)])
@@ -128,8 +127,13 @@ def test_the_native_passes_are_the_torch_definition_bit_for_bit(signed):
     special = torch.zeros(256 * 3)
     special[5], special[300], special[600] = float("nan"), -0.0, float("inf")
     x = torch.cat([*blocks, special, _values(70_001, 3, signed)])
-    if not signed:
-        x = x.abs()
+    return x if signed else x.abs()
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_the_native_passes_are_the_torch_definition_bit_for_bit(signed):
+    """The runtime's quantiser and dequantiser on the hard values; slices."""
+    x = _hard_values(signed)
     n = x.numel()
     reference = quantization.quantize_in_torch(x, signed)
     native = quantization.quantize(x, signed)
@@ -147,6 +151,33 @@ def test_the_native_passes_are_the_torch_definition_bit_for_bit(signed):
         quantization.dequantize_part(reference, n, 512, 2048, signed).view(torch.int32),
         quantization.dequantize_in_torch(reference, n, signed)[512:2048].view(torch.int32),
     )
+
+
+def _copy_through(param, grad, state):
+    param.copy_(state)
+    state.copy_(grad)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_the_generated_kernel_quantises_as_the_definition_bit_for_bit(signed):
+    """A generated kernel with 8-bit state dequantises the codes it reads and quantises what it writes,
+    block by block, each thread on whole blocks (vector lookups, a short last block): on the hard values,
+    bit for bit the torch definition."""
+    x = _hard_values(signed)
+    n = x.numel()
+    old = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    old = old if signed else old.abs()
+    stored = quantization.quantize_in_torch(old, signed)
+    param = torch.empty(n)
+    program = recording.record(_copy_through, [param, x, torch.zeros(n)], {})
+    kept = native.PACKED if signed else native.PACKED_UNSIGNED
+    kernel = native.kernel_for(program, (torch.float32, torch.float32, kept))
+    assert kernel is not None
+    constants = quantization.native_tables().data_ptr()
+    kernel([n | native.PACKED_ROW], [param.data_ptr(), x.data_ptr(), stored.data_ptr()], [0.0], True, 0, constants)
+    assert torch.equal(stored, quantization.quantize_in_torch(x, signed))
+    expected = quantization.dequantize_in_torch(quantization.quantize_in_torch(old, signed), n, signed)
+    assert torch.equal(param.view(torch.int32), expected.view(torch.int32))
 
 
 # ---- optimizers ----------------------------------------------------------------------------------
@@ -295,3 +326,21 @@ def test_8bit_adamw_and_bitsandbytes_adamw8bit_track_float32_alike():
     theirs = run(lambda p: bnb.optim.AdamW8bit(p, lr=1e-3, min_8bit_size=4096))
     ours_apart, theirs_apart = (ours - full).abs().max().item(), (theirs - full).abs().max().item()
     assert ours_apart > 0 and ours_apart < 3 * theirs_apart + 1e-6, (ours_apart, theirs_apart)
+
+
+def test_the_float32_state_that_8bit_state_replaces_is_handed_back(monkeypatch):
+    """Each param's first step makes float32 state and quantises it: every RELEASE_BYTES of float32 freed,
+    the freed heap pages are handed back (glibc's malloc_trim), so the holes between the packed tensors do
+    not stay resident."""
+    trims = []
+    monkeypatch.setattr(precision, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(precision, "_FREED", [0])
+    monkeypatch.setattr(precision, "RELEASE_BYTES", 1 << 20)
+    params = [torch.randn(256, 256, requires_grad=True) for _ in range(10)]  # 2 × 256 KiB of moments each
+    optimizer = scratchopt.AdamW(params, state_dtype="8bit")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert len(trims) == 5 and precision._FREED[0] == 0
+    optimizer.step()  # no state made: nothing freed
+    assert len(trims) == 5

@@ -15,7 +15,9 @@ correction) are a row of the kernel's scalar table: params that disagree still s
 
 A group with low-precision state (:mod:`scratchopt.precision`) runs natively too: the kernel reads
 bfloat16 state (and bfloat16 params trained with stochastic rounding), computes in float32 and rounds
-stochastically as it writes, bit for bit the eager widened step at the same seeds (:meth:`Fused.launch_or_update`).
+stochastically as it writes, bit for bit the eager widened step at the same seeds
+(:meth:`Fused.launch_or_update`); 8-bit state it dequantises block by block as it reads and quantises as
+it writes, bit for bit the eager dequantise-update-quantise.
 
 A param whose tensors are not one dense run each, laid out alike (a non-contiguous gradient of a
 contiguous param), or that is complex or in a dtype the generator does not write (float16; bfloat16
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from scratchopt import precision
+from scratchopt import precision, quantization
 from scratchopt.distributed.dtensor import local_shards
 from scratchopt.step_checks import group_settings, required_state_keys
 from scratchopt.strategies.base import Hyperparameters, Strategy, state_tensors
@@ -116,14 +118,25 @@ def _float32_stand_in(tensor: Tensor) -> Tensor:
     return torch.zeros((1,), dtype=torch.float32, device=tensor.device).expand(tensor.numel())
 
 
-def _storage(optimizer: ScratchOptimizer, tables: Any) -> tuple[tuple[torch.dtype, ...] | None, tuple[int, ...] | None]:
-    """The dtype each input of the table's kernel is kept in and its seed slot (see
+def _storage(
+    optimizer: ScratchOptimizer, tables: Any
+) -> tuple[tuple[native.Storage, ...] | None, tuple[int, ...] | None]:
+    """How each input of the table's kernel is kept and its seed slot (see
     :func:`~scratchopt.strategies.kernels.native.cpp_source`), or (None, None) for a table in one dtype."""
     if not tables.narrow and not tables.narrow_params:
         return None, None
-    present = [index for index in range(len(optimizer.state_keys)) if tables.pattern >> index & 1]
+    keys = optimizer.state_keys
+    present = [index for index in range(len(keys)) if tables.pattern >> index & 1]
     own = torch.bfloat16 if tables.narrow_params else torch.float32
-    storage = (own, own, *(torch.bfloat16 if tables.narrow >> index & 1 else torch.float32 for index in present))
+
+    def kept(index: int) -> native.Storage:
+        if not tables.narrow >> index & 1:
+            return torch.float32
+        if not tables.quantized:
+            return torch.bfloat16
+        return native.PACKED if precision.signed(keys[index], optimizer.nonnegative_state) else native.PACKED_UNSIGNED
+
+    storage = (own, own, *(kept(index) for index in present))
     return storage, (0, -1, *(index + 1 for index in present))
 
 
@@ -150,7 +163,7 @@ class Fused(Strategy):
         default_count = optimizer.default_count
         required, extra_keys = _requirements(optimizer, group, default_count)
         keys = optimizer.state_keys
-        low = precision.low_mode(group) if precision.is_low(group) else -1
+        low = precision.low_mode(optimizer, group) if precision.is_low(group) else -1
         tables = module.Tables(
             group["params"], optimizer.state, keys, default_count, _PLAIN, required, extra_keys, max(low, 0)
         )
@@ -272,7 +285,8 @@ class Fused(Strategy):
         if trace.kernel is False:
             return False
         threads = native.threads_for(tables.total)
-        noise = precision.native_noise().data_ptr()
+        # What the kernel's low-precision tensors read: the quantisation tables, or the noise table.
+        noise = (quantization.native_tables() if tables.quantized else precision.native_noise()).data_ptr()
         native.LAUNCHES[0] += 1
         if len(rows) == 1:
             tables.launch(trace.kernel.address, next(iter(rows.values())) or [0.0], 0, threads, seed, noise)
@@ -288,7 +302,7 @@ class Fused(Strategy):
         steady state, a new recording (and trace) when none applies. None where it cannot be recorded."""
         assumptions = key_of(arguments)
         # A table keeping some tensors in bfloat16 runs the float32 program (the kernel widens them).
-        storage = (tables.narrow, tables.narrow_params)
+        storage = (tables.narrow, tables.narrow_params, tables.quantized)
         key = None if assumptions is None else (optimizer.update, param.dtype, tables.pattern, storage, assumptions)
         if key is not None:
             for trace in self.traces.get(key, ()):
@@ -296,7 +310,13 @@ class Fused(Strategy):
                 if tape is not None:
                     return trace, tape
         tensors = [
-            t if t is None else t.view(-1) if t.dtype != torch.bfloat16 else _float32_stand_in(t)
+            t
+            if t is None
+            else _float32_stand_in(param)
+            if t.dtype == torch.uint8  # packed 8-bit state: the float32 values of the param's size
+            else _float32_stand_in(t)
+            if t.dtype == torch.bfloat16
+            else t.view(-1)
             for t in (param, param.grad, *state_tensors(optimizer, param))
         ]
         try:

@@ -1,10 +1,10 @@
 """Native kernels: a recorded ``update`` written out as C++, compiled by the system compiler, and run
 over every tensor of a param group in one call.
 
-The generated function ``scratchopt_kernel(n, numels, ptrs, tapes, tape_stride, threads, seed)`` updates
-``n`` tensors in place through a table of pointers (``ptrs[j * k + i]`` is input ``i`` of tensor
-``j``: the param, its gradient and its state tensors, each a dense 1-d run of ``numels[j]`` elements in
-memory order). Row ``j`` of ``tapes`` holds tensor ``j``'s scalars (``tape_stride`` 0: one row for all),
+The generated function ``scratchopt_kernel(n, numels, ptrs, tapes, tape_stride, threads, seed,
+constants)`` updates ``n`` tensors in place through a table of pointers (``ptrs[j * k + i]`` is input
+``i`` of tensor ``j``: the param, its gradient and its state tensors, each a dense 1-d run of
+``numels[j]`` elements in memory order; ``constants``: the noise table or the quantisation tables). Row ``j`` of ``tapes`` holds tensor ``j``'s scalars (``tape_stride`` 0: one row for all),
 so per-parameter scalars such as each param's own ``step`` are a column of the table, not a reason for
 another call. The threads split the *total* element count (one OpenMP parallel region per call, not
 one per tensor); each converts its scalars from the float64 tape once per tensor segment, and the
@@ -23,7 +23,9 @@ back stochastically as it is written, with the random bits of
 :func:`scratchopt.precision.round_stochastically` (the tensor's seed, made from ``seed`` as
 :func:`scratchopt.precision.tensor_seed` makes it, picks where each block of 2¹⁶ elements reads the
 noise table), so the kernel gives bit for bit what the eager widen-update-round of
-:func:`scratchopt.precision.update` gives, in one pass.
+:func:`scratchopt.precision.update` gives, in one pass. 8-bit state (:mod:`scratchopt.quantization`) is
+read and written packed, block by block (:func:`cpp_source`), bit for bit the eager
+dequantise-update-quantise.
 
 Only float32 and float64 programs of the operations below are generated; anything else raises
 :class:`Unsupported` and runs as it did before (the Inductor kernels of
@@ -85,7 +87,11 @@ _PRELUDE = r"""
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <limits>
 #include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 // Written as selects (no branches) so that the element loop vectorises; NaN propagates as in ATen.
 template <typename T> static inline T so_maximum(T a, T b) { return (a > b || a != a) ? a : b; }
@@ -114,6 +120,89 @@ static inline int64_t so_block_start(uint32_t s, int64_t block) {
   x *= 0x735A2D97u;
   x ^= x >> 15;
   return (int64_t)(x >> 16);
+}
+// 8-bit state (scratchopt.quantization): a table's numel carries PACKED_ROW where the param's state is
+// packed; below it, the element count.
+static constexpr int64_t so_packed_row = int64_t(1) << 48;
+static inline int64_t so_numel(int64_t entry) { return entry & (so_packed_row - 1); }
+// The code of v = x / a_b: one load of the lookup table (scratchopt.quantization.lookup_table).
+static inline uint8_t so_code(float v, const int32_t* table) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const int32_t entry = table[bits >> 16];
+  const int32_t low = (int32_t)(bits & 0xFFFFu) ^ ((int32_t)(bits >> 31) * 0xFFFF);
+  return (uint8_t)((entry & 0xFF) + (low >= (entry >> 8) ? 1 : 0));
+}
+// |x|'s bit pattern, which orders the absolute values as integers (NaN and infinities above all others).
+static inline uint32_t so_magnitude(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return bits & 0x7FFFFFFFu;
+}
+// The table lookups below are written with gathers: the compiler does not vectorise them on machines
+// whose tuning avoids gathers, and a scalar lookup per element costs more than the update.
+// m values of a block from their codes: map[c] * a.
+static inline void so_dequantize_block(const uint8_t* codes, int64_t m, float a, const float* map, float* w) {
+  int64_t e = 0;
+#if defined(__AVX512F__)
+  const __m512 scale = _mm512_set1_ps(a);
+  for (; e + 16 <= m; e += 16) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + e)));
+    _mm512_storeu_ps(w + e, _mm512_mul_ps(_mm512_i32gather_ps(index, map, 4), scale));
+  }
+#elif defined(__AVX2__)
+  const __m256 scale = _mm256_set1_ps(a);
+  for (; e + 8 <= m; e += 8) {
+    const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(codes + e)));
+    _mm256_storeu_ps(w + e, _mm256_mul_ps(_mm256_i32gather_ps(map, index, 4), scale));
+  }
+#endif
+  for (; e < m; ++e) w[e] = map[codes[e]] * a;
+}
+// One block's m values quantised into its codes and its maximum's 4 bytes, as
+// scratchopt.quantization.quantize_in_torch defines them, given the largest so_magnitude of the values
+// (the element loop computes it): a block that is not finite gets a NaN maximum and the code of 0.
+static inline void so_quantize_block(const float* w, int64_t m, uint32_t top, uint8_t* codes, uint8_t* maximum,
+                                     const int32_t* table) {
+  const bool finite = top < 0x7F800000u;
+  float a;
+  std::memcpy(&a, &top, 4);
+  if (!finite) a = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(maximum, &a, 4);
+  if (!finite) {
+    std::memset(codes, so_code(0.0f, table), m);
+    return;
+  }
+  const float d = a > 0.0f ? a : 1.0f;
+  int64_t e = 0;
+#if defined(__AVX512F__)
+  const __m512 divisor = _mm512_set1_ps(d);
+  const __m512i ones = _mm512_set1_epi32(1), bottom = _mm512_set1_epi32(0xFFFF), byte = _mm512_set1_epi32(0xFF);
+  for (; e + 16 <= m; e += 16) {
+    const __m512i bits = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(w + e), divisor));
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
+    const __m512i low =
+        _mm512_xor_si512(_mm512_and_si512(bits, bottom), _mm512_and_si512(_mm512_srai_epi32(bits, 31), bottom));
+    const __m512i first = _mm512_and_si512(entry, byte);
+    const __mmask16 above = _mm512_cmpge_epi32_mask(low, _mm512_srai_epi32(entry, 8));
+    _mm_storeu_si128((__m128i*)(codes + e), _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(first, above, first, ones)));
+  }
+#elif defined(__AVX2__)
+  const __m256 divisor = _mm256_set1_ps(d);
+  const __m256i ones = _mm256_set1_epi32(1), bottom = _mm256_set1_epi32(0xFFFF), byte = _mm256_set1_epi32(0xFF);
+  for (; e + 8 <= m; e += 8) {
+    const __m256i bits = _mm256_castps_si256(_mm256_div_ps(_mm256_loadu_ps(w + e), divisor));
+    const __m256i entry = _mm256_i32gather_epi32(table, _mm256_srli_epi32(bits, 16), 4);
+    const __m256i low =
+        _mm256_xor_si256(_mm256_and_si256(bits, bottom), _mm256_and_si256(_mm256_srai_epi32(bits, 31), bottom));
+    // low >= threshold, as low > threshold - 1 (both below 2^17)
+    const __m256i above = _mm256_cmpgt_epi32(low, _mm256_sub_epi32(_mm256_srai_epi32(entry, 8), ones));
+    const __m256i code = _mm256_add_epi32(_mm256_and_si256(entry, byte), _mm256_and_si256(above, ones));
+    const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64((__m128i*)(codes + e), _mm_packus_epi16(halves, halves));
+  }
+#endif
+  for (; e < m; ++e) codes[e] = so_code(w[e] / d, table);
 }
 // value rounded to bfloat16 stochastically (scratchopt.precision.round_stochastically): 16 random bits
 // added to the low half of the bit pattern, which is then dropped; NaN stays quiet.
@@ -296,24 +385,42 @@ class _Writer:
                 self.body.append(f"{result_kind} v{out} = {expression};")
 
 
-def cpp_source(
-    program: Program, storage: Sequence[torch.dtype] | None = None, slots: Sequence[int] | None = None
-) -> str:
+#: ``storage`` of an input packed in 8 bits (:mod:`scratchopt.quantization`) with the signed map, and
+#: with the unsigned one (state that is never negative).
+PACKED = "8bit"
+PACKED_UNSIGNED = "8bit-unsigned"
+#: Set in a table's numel where the tensor's packed inputs are packed (its state is 8-bit).
+PACKED_ROW = 1 << 48
+Storage = torch.dtype | str
+
+
+def cpp_source(program: Program, storage: Sequence[Storage] | None = None, slots: Sequence[int] | None = None) -> str:
     """The C++ of the kernel that replays ``program`` over a table of tensors; :class:`Unsupported` if
-    the program has something the generator does not write. ``storage``: the dtype each input is kept
-    in (the program's by default; bfloat16 for some inputs of a float32 program); ``slots``: each
-    input's place in the seeds of a step (0 the param, ``i + 1`` the state key ``i``; −1 never rounded),
-    needed where an input kept in bfloat16 is written."""
+    the program has something the generator does not write. ``storage``: how each input is kept (the
+    program's dtype by default; bfloat16, or :data:`PACKED` / :data:`PACKED_UNSIGNED` 8-bit state, for
+    some inputs of a float32 program); ``slots``: each input's place in the seeds of a step (0 the param,
+    ``i + 1`` the state key ``i``; −1 never rounded), needed where an input kept in bfloat16 is written.
+
+    A kernel with packed inputs reads them packed for the tensors whose numel carries ``PACKED_ROW``
+    (their state is 8-bit) and as float32 for the others (small params keep float32 state): each thread
+    takes whole blocks of 256 elements of a packed tensor, dequantises a block's codes into a float32
+    buffer, runs the update over it and quantises the block again, in one pass over memory."""
     writer = _Writer(program)
     writer.write()
     k = program.n_inputs
     t = writer.t
     kept = tuple(storage) if storage is not None else (writer.dtype,) * k
-    if len(kept) != k or any(d not in (writer.dtype, torch.bfloat16) for d in kept):
+    allowed: tuple[Storage, ...] = (writer.dtype, torch.bfloat16, PACKED, PACKED_UNSIGNED)
+    if len(kept) != k or any(d not in allowed for d in kept):
         raise Unsupported(f"storage {kept} for a {writer.dtype} program of {k} inputs")
-    if torch.bfloat16 in kept and writer.dtype != torch.float32:
-        raise Unsupported("bfloat16 storage of a program that is not float32")
+    if any(d != writer.dtype for d in kept) and writer.dtype != torch.float32:
+        raise Unsupported("low-precision storage of a program that is not float32")
     narrow = {i for i in range(k) if kept[i] == torch.bfloat16}
+    packed = {i: kept[i] == PACKED_UNSIGNED for i in range(k) if kept[i] in (PACKED, PACKED_UNSIGNED)}
+    if narrow and packed:
+        raise Unsupported("bfloat16 and 8-bit storage in one kernel")
+    if packed.keys() & {0, 1}:
+        raise Unsupported("a packed param or gradient")
     rounded = sorted(narrow & writer.written)
     if rounded and (slots is None or len(slots) != k or any(slots[i] < 0 for i in rounded)):
         raise Unsupported("a bfloat16 input is written but has no seed slot")
@@ -324,21 +431,33 @@ def cpp_source(
     seeds = "\n".join(f"      const uint32_t r{i} = so_tensor_seed(seed, j, {slots[i]});" for i in rounded)  # type: ignore[index]
     # Each block of 2¹⁶ elements reads a window of the noise table (scratchopt.precision.random_bits).
     windows = "\n".join(f"        const uint16_t* q{i} = noise + so_block_start(r{i}, block);" for i in rounded)
-    loads = "\n".join(
-        f"        {t} x{i} = so_widen(p{i}[e]);" if i in narrow else f"        {t} x{i} = ({t})p{i}[e];" for i in used
-    )
     body = "\n".join(f"        {line}" for line in writer.body)
-    stores = "\n".join(
-        f"        p{i}[e] = so_round(x{i}, q{i}[e - base]);"
-        if i in narrow
-        else f"        p{i}[e] = ({storage_type[i]})x{i};"
-        for i in sorted(writer.written)
-    )
+
+    def loads(element: str, buffered: Sequence[int] = ()) -> str:
+        return "\n".join(
+            f"        {t} x{i} = w{i}[e];"
+            if i in buffered
+            else f"        {t} x{i} = so_widen(p{i}[{element}]);"
+            if i in narrow
+            else f"        {t} x{i} = ({t})p{i}[{element}];"
+            for i in used
+        )
+
+    def stores(element: str, buffered: Sequence[int] = ()) -> str:
+        return "\n".join(
+            f"        w{i}[e] = x{i};"
+            if i in buffered
+            else f"        p{i}[{element}] = so_round(x{i}, q{i}[e - base]);"
+            if i in narrow
+            else f"        p{i}[{element}] = ({storage_type[i]})x{i};"
+            for i in sorted(writer.written)
+        )
+
     elements = f"""      #pragma omp simd
       for (int64_t e = lo; e < hi; ++e) {{
-{loads}
+{loads("e")}
 {body}
-{stores}
+{stores("e")}
       }}"""
     if rounded:
         elements = f"""      for (int64_t b0 = lo; b0 < hi;) {{
@@ -346,27 +465,89 @@ def cpp_source(
 {windows}
         #pragma omp simd
         for (int64_t e = b0; e < b1; ++e) {{
-{loads}
+{loads("e")}
 {body}
-{stores}
+{stores("e")}
         }}
         b0 = b1;
       }}"""
+    buffered = sorted(packed.keys() & set(used))
+    if buffered:
+        requantised = [i for i in buffered if i in writer.written]
+        codes = "\n".join(f"        uint8_t* c{i} = (uint8_t*)p{i};" for i in buffered)
+        buffers = "\n".join(f"        alignas(64) float w{i}[256];" for i in buffered)
+        # The maps and lookup tables of scratchopt.quantization.native_tables, signed then unsigned.
+        dequantise = "\n".join(
+            f"""          {{
+            float a;
+            std::memcpy(&a, c{i} + numel + 4 * block, 4);
+            so_dequantize_block(c{i} + b0, m, a, maps + {256 * packed[i]}, w{i});
+          }}"""
+            for i in buffered
+        )
+        tops = "".join(f"          uint32_t t{i} = 0;\n" for i in requantised)
+        reduction = f" reduction(max : {', '.join(f't{i}' for i in requantised)})" if requantised else ""
+        magnitudes = "\n".join(f"        t{i} = std::max(t{i}, so_magnitude(x{i}));" for i in requantised)
+        quantise = "\n".join(
+            f"          so_quantize_block(w{i}, m, t{i}, c{i} + b0, c{i} + numel + 4 * block, "
+            f"lookups + {65536 * packed[i]});"
+            for i in requantised
+        )
+
+        def one_block(count: str) -> str:
+            return f"""          const int64_t m = {count}, block = b0 >> 8;
+{dequantise}
+{tops}          #pragma omp simd{reduction}
+          for (int64_t e = 0; e < m; ++e) {{
+{loads("b0 + e", buffered)}
+{body}
+{stores("b0 + e", buffered)}
+{magnitudes}
+          }}
+{quantise}"""
+
+        # A full block has a constant trip count, which the compiler unrolls; the last may be shorter.
+        elements = f"""      if (!packed_row) {{
+{elements}
+      }} else {{
+{codes}
+{buffers}
+        int64_t b0 = lo;
+        for (; b0 + 256 <= hi; b0 += 256) {{
+{one_block("256")}
+        }}
+        if (b0 < hi) {{
+{one_block("hi - b0")}
+        }}
+      }}"""
+        align = """      if (packed_row) {  // whole blocks: a thread's range starts and ends on a block's edge
+        lo = std::min(numel, (lo + 255) & ~(int64_t)255);
+        hi = std::min(numel, (hi + 255) & ~(int64_t)255);
+      }"""
+    else:
+        align = ""
     return f"""{_PRELUDE}
 extern "C" void scratchopt_kernel(int64_t n, const int64_t* numels, void* const* ptrs, const double* tapes,
-                                  int64_t tape_stride, int64_t threads, int64_t seed, const void* noise_table) {{
+                                  int64_t tape_stride, int64_t threads, int64_t seed, const void* constants) {{
   (void)seed;
-  const uint16_t* noise = (const uint16_t*)noise_table;
-  (void)noise;
+  // The noise table of stochastic rounding, or the quantisation tables of a kernel with 8-bit inputs.
+  const uint16_t* noise = (const uint16_t*)constants;
+  const float* maps = (const float*)constants;
+  const int32_t* lookups = (const int32_t*)constants + 512;
+  (void)noise; (void)maps; (void)lookups;
   int64_t total = 0;
-  for (int64_t j = 0; j < n; ++j) total += numels[j];
+  for (int64_t j = 0; j < n; ++j) total += so_numel(numels[j]);
   #pragma omp parallel num_threads(threads) if (threads > 1)
   {{
     const int64_t workers = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t begin = total * me / workers, end = total * (me + 1) / workers;
     int64_t offset = 0;
-    for (int64_t j = 0; j < n && offset < end; offset += numels[j], ++j) {{
-      const int64_t lo = std::max(begin - offset, (int64_t)0), hi = std::min(end - offset, numels[j]);
+    for (int64_t j = 0; j < n && offset < end; offset += so_numel(numels[j]), ++j) {{
+      const int64_t numel = so_numel(numels[j]);
+      const bool packed_row = (numels[j] & so_packed_row) != 0;
+      (void)packed_row;
+      int64_t lo = std::max(begin - offset, (int64_t)0), hi = std::min(end - offset, numel);
+{align}
       if (lo >= hi) continue;
       const double* tape = tapes + j * tape_stride;
 {scalars}
@@ -475,7 +656,7 @@ class NativeKernel:
     __slots__ = ("address", "function", "n_inputs", "tape_length")
 
     def __init__(
-        self, program: Program, storage: Sequence[torch.dtype] | None = None, slots: Sequence[int] | None = None
+        self, program: Program, storage: Sequence[Storage] | None = None, slots: Sequence[int] | None = None
     ) -> None:
         self.function = load(cpp_source(program, storage, slots))
         #: The kernel's address, for the native runtime to call it without Python.
@@ -499,7 +680,7 @@ class NativeKernel:
         numel_table = array("q", numels)
         pointer_table = array("q", pointers)
         tape_table = array("d", tapes or [0.0])
-        threads = threads_for(sum(numels))
+        threads = threads_for(sum(n & (PACKED_ROW - 1) for n in numels))
         LAUNCHES[0] += 1
         self.function(
             len(numel_table),
@@ -520,7 +701,7 @@ _WARNED: list[str] = []
 
 
 def kernel_for(
-    program: Program, storage: tuple[torch.dtype, ...] | None = None, slots: tuple[int, ...] | None = None
+    program: Program, storage: tuple[Storage, ...] | None = None, slots: tuple[int, ...] | None = None
 ) -> NativeKernel | None:
     """The native kernel of this program's structure (with its inputs kept in ``storage``, rounded with
     the seeds of ``slots``: see :func:`cpp_source`), or None where the program cannot be written in C++

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from scratchopt import quantization
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -33,6 +35,9 @@ _SOURCE = r"""
 #include <vector>
 
 namespace py = pybind11;
+
+// A table's numel of a param whose state is packed in 8 bits (the kernel reads the count below it).
+static constexpr int64_t PACKED_ROW = int64_t(1) << 48;
 
 using Kernel = void (*)(int64_t, const int64_t*, void* const*, const double*, int64_t, int64_t, int64_t,
                         const void*);
@@ -50,10 +55,11 @@ struct Row {
   PyObject* step_object = nullptr;
   int64_t numel = 0;
   uint64_t present = 0;        // bit i: the state tensor of keys[i] is present
-  uint64_t narrow = 0;         // bit i: ... and kept in bfloat16 (a low-precision group)
+  uint64_t narrow = 0;         // bit i: ... and kept in bfloat16 or packed in 8 bits (a low-precision group)
   at::ScalarType dtype = at::kFloat;
   int8_t kind = 0;             // 0: can run in the kernel; 1: no gradient; -1: cannot
   int8_t has_step = 0;
+  bool packed = false;         // its narrow state tensors are packed in 8 bits
 };
 
 // dict[key] without PyDict_GetItem's saving and restoring of the error state: the key's hash is given
@@ -75,8 +81,10 @@ struct Tables {
   bool uniform = true;        // every param has the same step
   bool counted = false;       // the default step was counted
   uint64_t pattern = 0;       // bit i: the state tensor of keys[i] is present (the same for every param)
-  uint64_t narrow = 0;        // bit i: the state tensor of keys[i] is kept in bfloat16 (the same for every param)
+  uint64_t narrow = 0;        // bit i: the state tensor of keys[i] is kept in bfloat16 (the same for every
+                              // param), or packed in 8 bits (for every param whose row is marked packed)
   bool narrow_params = false; // the params (and their gradients) are bfloat16
+  bool quantized = false;     // the narrow tensors are packed in 8 bits (scratchopt.quantization)
   std::vector<at::Tensor*> counters_;  // the steps advance() counts
   py::list alive_;                     // their Python tensors, held until then
   bool count_ = false;
@@ -87,7 +95,10 @@ struct Tables {
   // required: bit i, the state tensor of keys[i] must be present (bit len(keys): the step, when counted);
   // extra: other keys the state must have (an algorithm's own 0-d bookkeeping).
   // low: bit 0, a float32 param's state tensors are bfloat16 (else every tensor is in the param's
-  // dtype); bit 1, bfloat16 params (with bfloat16 gradients and state) may run too.
+  // dtype); bit 1, bfloat16 params (with bfloat16 gradients and state) may run too; bit 2, 8-bit state:
+  // bits 8 on mark the keys a float32 param of at least SO_MIN_NUMEL elements keeps packed, each such
+  // tensor one flat uint8 run of n + 4 * ceil(n / 256) bytes, and such a param's numel in the table
+  // carries bit 48 (PACKED_ROW).
   Tables(py::list group, py::dict state, py::tuple keys, bool count, py::tuple plain, uint64_t required,
          py::tuple extra, int64_t low) {
     const Py_ssize_t n = PyList_GET_SIZE(group.ptr());
@@ -130,6 +141,9 @@ struct Tables {
         row.dtype = p.scalar_type();
         const bool narrow_param = (low & 2) != 0 && row.dtype == at::kBFloat16;
         const at::ScalarType expected = row.dtype == at::kFloat && (low & 1) != 0 ? at::kBFloat16 : row.dtype;
+        const uint64_t packs = (low & 4) != 0 && row.dtype == at::kFloat && p.numel() >= SO_MIN_NUMEL
+                                   ? static_cast<uint64_t>(low) >> 8 : 0;
+        const int64_t packed_numel = p.numel() + 4 * ((p.numel() + 255) / 256);
         if ((row.dtype != at::kFloat && row.dtype != at::kDouble && !narrow_param) || !p.device().is_cpu() ||
             !p.is_contiguous()) {
           continue;
@@ -149,10 +163,13 @@ struct Tables {
           PyObject* value = item(param_state, key_objects[key], key_hashes[key]);
           if (value == nullptr || value == Py_None) continue;
           const at::Tensor* s = is_plain(value) ? &THPVariable_Unpack(value) : nullptr;
-          ok = s != nullptr && s->scalar_type() == expected && s->device().is_cpu() && s->is_contiguous() &&
-               s->sizes() == p.sizes();
+          const bool packed = (packs >> key & 1) != 0;
+          ok = s != nullptr && s->device().is_cpu() && s->is_contiguous() &&
+               (packed ? s->scalar_type() == at::kByte && s->dim() == 1 && s->numel() == packed_numel
+                       : s->scalar_type() == expected && s->sizes() == p.sizes());
           if (ok) {
-            if (expected == at::kBFloat16) row.narrow |= uint64_t(1) << key;
+            if (expected == at::kBFloat16 || packed) row.narrow |= uint64_t(1) << key;
+            row.packed = row.packed || packed;
             row.present |= uint64_t(1) << key;
             out[2 + __builtin_popcountll(row.present) - 1] = s->data_ptr();
           }
@@ -204,13 +221,18 @@ struct Tables {
       if (numels.empty()) {
         pattern = row.present; narrow = row.narrow; with_step = row.has_step; dtype = row.dtype; first = i;
       }
+      // 8-bit state: the rows of small params keep float32 state, the others the same packed tensors.
+      if ((low & 4) != 0 && narrow == 0) narrow = row.narrow;
+      const bool packed_row = row.packed;
+      quantized = quantized || packed_row;
       // One kernel reads every tensor of the table in one dtype, and the same state tensors of each.
-      if (row.dtype != dtype || row.present != pattern || row.narrow != narrow || row.has_step != with_step) {
+      if (row.dtype != dtype || row.present != pattern || row.has_step != with_step ||
+          (row.narrow != narrow && !((low & 4) != 0 && row.narrow == 0))) {
         status = i; return;
       }
       void* const* in = &row_pointers[i * (k + 2)];
       pointers.insert(pointers.end(), in, in + 2 + __builtin_popcountll(row.present));
-      numels.push_back(row.numel);
+      numels.push_back(packed_row ? row.numel | PACKED_ROW : row.numel);
       total += row.numel;
       if (row.step != nullptr) {
         counters.push_back(row.step);
@@ -487,6 +509,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("pattern", &Tables::pattern)
       .def_readonly("narrow", &Tables::narrow)
       .def_readonly("narrow_params", &Tables::narrow_params)
+      .def_readonly("quantized", &Tables::quantized)
       .def_readonly("params", &Tables::params)
       .def("size", &Tables::size)
       .def("advance", &Tables::advance)
@@ -498,6 +521,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_blockwise", &dequantize_blockwise);
 }
 """
+
+_SOURCE = _SOURCE.replace("SO_MIN_NUMEL", str(quantization.MIN_NUMEL))
 
 _module: Any = None
 _state = "new"  # new → building → ready | failed
