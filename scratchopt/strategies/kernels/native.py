@@ -89,9 +89,6 @@ _PRELUDE = r"""
 #include <algorithm>
 #include <limits>
 #include <omp.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 // Written as selects (no branches) so that the element loop vectorises; NaN propagates as in ATen.
 template <typename T> static inline T so_maximum(T a, T b) { return (a > b || a != a) ? a : b; }
@@ -125,6 +122,23 @@ static inline int64_t so_block_start(uint32_t s, int64_t block) {
 // packed; below it, the element count.
 static constexpr int64_t so_packed_row = int64_t(1) << 48;
 static inline int64_t so_numel(int64_t entry) { return entry & (so_packed_row - 1); }
+// value rounded to bfloat16 stochastically (scratchopt.precision.round_stochastically): 16 random bits
+// added to the low half of the bit pattern, which is then dropped; NaN stays quiet.
+static inline uint16_t so_round(float value, uint16_t noise) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  const uint32_t rounded = (bits + noise) >> 16;
+  return (uint16_t)((bits & 0x7FFFFFFFu) > 0x7F800000u ? ((bits >> 16) | 0x40u) : rounded);
+}
+"""
+
+#: What a kernel with 8-bit inputs adds (the intrinsics' header costs a fraction of a second per compile,
+#: so the other kernels go without it).
+_PACKED_PRELUDE = r"""
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 // The code of v = x / a_b: one load of the lookup table (scratchopt.quantization.lookup_table).
 static inline uint8_t so_code(float v, const int32_t* table) {
   uint32_t bits;
@@ -203,14 +217,6 @@ static inline void so_quantize_block(const float* w, int64_t m, uint32_t top, ui
   }
 #endif
   for (; e < m; ++e) codes[e] = so_code(w[e] / d, table);
-}
-// value rounded to bfloat16 stochastically (scratchopt.precision.round_stochastically): 16 random bits
-// added to the low half of the bit pattern, which is then dropped; NaN stays quiet.
-static inline uint16_t so_round(float value, uint16_t noise) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  const uint32_t rounded = (bits + noise) >> 16;
-  return (uint16_t)((bits & 0x7FFFFFFFu) > 0x7F800000u ? ((bits >> 16) | 0x40u) : rounded);
 }
 """
 
@@ -526,7 +532,8 @@ def cpp_source(program: Program, storage: Sequence[Storage] | None = None, slots
       }"""
     else:
         align = ""
-    return f"""{_PRELUDE}
+    prelude = _PRELUDE + (_PACKED_PRELUDE if buffered else "")
+    return f"""{prelude}
 extern "C" void scratchopt_kernel(int64_t n, const int64_t* numels, void* const* ptrs, const double* tapes,
                                   int64_t tape_stride, int64_t threads, int64_t seed, const void* constants) {{
   (void)seed;
