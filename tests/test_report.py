@@ -191,3 +191,29 @@ def test_the_source_entropy_is_the_entropy_rate_of_the_chain() -> None:
 
     expected = (q * h(p) + p * h(q)) / (p + q)
     assert abs(beyond_adamw.source_entropy(chain) - expected) < 1e-12
+
+
+def test_low_precision_runs_are_judged_against_their_own_algorithms_float32_spread():
+    """Section 5: a low-precision setting's mean lies within the spread of the same algorithm's float32
+    runs, not another's."""
+    from scratchopt.tools.report import low_precision
+
+    def run(algorithm: str, setting: str, loss: float) -> dict[str, Any]:
+        return {
+            "algorithm": algorithm,
+            "setting": setting,
+            "held_out_loss": loss,
+            "state_bytes_per_param": 2.0,
+            "seconds": 1.0,
+        }
+
+    runs = [
+        *(run("AdamW", "float32 state", loss) for loss in (1.0, 1.2)),
+        *(run("AdamW", "8-bit state", loss) for loss in (1.1, 1.15)),
+        *(run("Lion", "float32 state", loss) for loss in (2.0, 2.1)),
+        *(run("Lion", "8-bit state", loss) for loss in (1.1, 1.15)),  # within AdamW's spread, not Lion's
+    ]
+    rows = {(r["algorithm"], r["setting"]): r for r in low_precision.summarize(runs)}
+    assert rows[("AdamW", "8-bit state")]["within_float32_spread"]
+    assert not rows[("Lion", "8-bit state")]["within_float32_spread"]
+    assert rows[("Lion", "float32 state")]["mean"] == pytest.approx(2.05)

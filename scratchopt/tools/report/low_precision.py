@@ -1,11 +1,13 @@
-"""Section 5: AdamW with low-precision state (:mod:`scratchopt.precision`) beside float32 AdamW, training
-the GPT-like model of section 4 from several seeds.
+"""Section 5: optimizers with low-precision state (:mod:`scratchopt.precision`) beside the same optimizers
+with float32 state, training the GPT-like model of section 4 from several seeds.
 
-Each setting (float32 state, bfloat16 state, blockwise 8-bit state) trains the same model from the same
-:data:`SEEDS`: a seed fixes the initial weights and the order of the batches, so that the spread of the
-float32 runs is the seed-to-seed variation a low-precision run is judged against. The held-out loss of
-a low-precision setting "lies within the spread" when its mean over the seeds lies between the lowest
-and the highest float32 run. The state's bytes per parameter are counted from the optimizer's tensors.
+Each of :data:`TRAINED` (AdamW, and Lion, whose sign update reads its one moment differently), at its
+learning rate of section 4, trains the same model in each setting (float32 state, bfloat16 state,
+blockwise 8-bit state) from the same :data:`SEEDS`: a seed fixes the initial weights and the order of the
+batches, so that the spread of an algorithm's float32 runs is the seed-to-seed variation its
+low-precision runs are judged against. The held-out loss of a low-precision setting "lies within the
+spread" when its mean over the seeds lies between the lowest and the highest float32 run of the same
+algorithm. The state's bytes per parameter are counted from the optimizer's tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-import scratchopt
+from scratchopt.algorithms import ALGORITHMS
 from scratchopt.tools import catalog
 from scratchopt.tools.presets import Preset
 from scratchopt.tools.report import beyond_adamw
@@ -35,6 +37,8 @@ SETTINGS: tuple[tuple[str, Any], ...] = (
     ("8-bit state", "8bit"),
 )
 SEEDS = (1, 2, 3)
+#: The algorithms trained in every setting.
+TRAINED = ("AdamW", "Lion")
 COLORS = {"float32 state": "#000000", "bfloat16 state": "#1f77b4", "8-bit state": "#d62728"}
 
 
@@ -49,14 +53,17 @@ def state_bytes_per_param(optimizer: torch.optim.Optimizer, params: int) -> floa
     return total / params
 
 
-def train(label: str, state_dtype: Any, seed: int, steps: int, held_out: list[torch.Tensor]) -> dict[str, Any]:
+def train(
+    algorithm: str, label: str, state_dtype: Any, seed: int, steps: int, held_out: list[torch.Tensor]
+) -> dict[str, Any]:
     transitions = beyond_adamw.bigram_source(beyond_adamw.MODEL["vocab"])
     gen = torch.Generator().manual_seed(1000 + seed)
     length = beyond_adamw.MODEL["seq_len"] + 1
     batches = [beyond_adamw.sample(transitions, beyond_adamw.BATCH, length, gen) for _ in range(steps)]
     torch.manual_seed(seed)
     model = TinyGPT(**beyond_adamw.MODEL)
-    optimizer = scratchopt.AdamW(model.parameters(), lr=beyond_adamw.ADAMW_LR, impl="fused", state_dtype=state_dtype)
+    cls = ALGORITHMS[algorithm]
+    optimizer = catalog.construct(cls, model.parameters(), **beyond_adamw.settings_of(cls), state_dtype=state_dtype)
     losses = []
     started = time.perf_counter()
     for batch in batches:
@@ -64,6 +71,7 @@ def train(label: str, state_dtype: Any, seed: int, steps: int, held_out: list[to
     seconds = time.perf_counter() - started
     params = sum(p.numel() for p in model.parameters())
     return {
+        "algorithm": algorithm,
         "setting": label,
         "seed": seed,
         "losses": [beyond_adamw._finite(loss) for loss in losses],
@@ -81,8 +89,9 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         beyond_adamw.sample(transitions, beyond_adamw.BATCH, length, gen) for _ in range(beyond_adamw.HELD_OUT_BATCHES)
     ]
     runs = [
-        train(label, state_dtype, seed, preset.precision_curve_steps, held_out)
-        for label, state_dtype in bar(SETTINGS, desc="low-precision state")
+        train(algorithm, label, state_dtype, seed, preset.precision_curve_steps, held_out)
+        for algorithm in TRAINED
+        for label, state_dtype in bar(SETTINGS, desc=f"low-precision state: {algorithm}")
         for seed in SEEDS
     ]
     summary = summarize(runs)
@@ -94,6 +103,7 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         "params": sum(p.numel() for p in TinyGPT(**beyond_adamw.MODEL).parameters()),
         "steps": preset.precision_curve_steps,
         "seeds": list(SEEDS),
+        "learning_rates": {name: beyond_adamw.settings_of(ALGORITHMS[name])["lr"] for name in TRAINED},
         "source_entropy": beyond_adamw.source_entropy(transitions),
         "runs": runs,
         "summary": summary,
@@ -103,20 +113,25 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per setting: the held-out losses over the seeds, their mean, the state's bytes, and whether the
-    mean lies within the float32 runs' spread."""
-    by_setting: dict[str, list[dict[str, Any]]] = {}
+    """Per algorithm and setting: the held-out losses over the seeds, their mean, the state's bytes, and
+    whether the mean lies within the spread of the algorithm's float32 runs."""
+    by_setting: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result in runs:
-        by_setting.setdefault(result["setting"], []).append(result)
-    reference = [r["held_out_loss"] for r in by_setting.get(SETTINGS[0][0], []) if r["held_out_loss"] is not None]
-    low, high = (min(reference), max(reference)) if reference else (float("nan"), float("nan"))
+        by_setting.setdefault((result["algorithm"], result["setting"]), []).append(result)
     rows = []
-    for label, results in by_setting.items():
+    for (algorithm, label), results in by_setting.items():
+        reference = [
+            r["held_out_loss"]
+            for r in by_setting.get((algorithm, SETTINGS[0][0]), [])
+            if r["held_out_loss"] is not None
+        ]
+        low, high = (min(reference), max(reference)) if reference else (float("nan"), float("nan"))
         losses = [r["held_out_loss"] for r in results]
         finite = [loss for loss in losses if loss is not None]
         mean = float(np.mean(finite)) if len(finite) == len(losses) and finite else None
         rows.append(
             {
+                "algorithm": algorithm,
                 "setting": label,
                 "held_out_losses": losses,
                 "mean": mean,
@@ -130,37 +145,49 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @styled
 def plot_curves(runs: list[dict[str, Any]]) -> Figure:
-    figure, axes = new_figure(10, 5.2)
-    for label, _ in SETTINGS:
-        curves = [beyond_adamw._smoothed(r["losses"]) for r in runs if r["setting"] == label]
-        if not curves:
-            continue
-        steps = curves[0][0]
-        values = np.vstack([c[1] for c in curves])
-        axes.fill_between(steps, values.min(axis=0), values.max(axis=0), color=COLORS[label], alpha=0.18, linewidth=0)
-        axes.plot(steps, values.mean(axis=0), color=COLORS[label], linewidth=1.6, label=f"{label} (mean, seeds' range)")
-    axes.set_xlabel("step")
-    axes.set_ylabel(f"training loss, mean of the last {beyond_adamw.SMOOTHING_WINDOW} steps")
-    axes.set_title("AdamW's state in float32, bfloat16 and 8-bit (scratchopt)")
-    axes.legend(loc="upper right", fontsize=10)
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in runs))
+    figure, panels = new_figure(7 * len(algorithms), 5.2, ncols=len(algorithms))
+    for axes, algorithm in zip(np.atleast_1d(panels), algorithms, strict=True):
+        for label, _ in SETTINGS:
+            curves = [
+                beyond_adamw._smoothed(r["losses"])
+                for r in runs
+                if r["setting"] == label and r["algorithm"] == algorithm
+            ]
+            if not curves:
+                continue
+            steps = curves[0][0]
+            values = np.vstack([c[1] for c in curves])
+            axes.fill_between(
+                steps, values.min(axis=0), values.max(axis=0), color=COLORS[label], alpha=0.18, linewidth=0
+            )
+            axes.plot(
+                steps, values.mean(axis=0), color=COLORS[label], linewidth=1.6, label=f"{label} (mean, seeds' range)"
+            )
+        axes.set_xlabel("step")
+        axes.set_ylabel(f"training loss, mean of the last {beyond_adamw.SMOOTHING_WINDOW} steps")
+        axes.set_title(f"{algorithm}'s state in float32, bfloat16 and 8-bit")
+        axes.legend(loc="upper right", fontsize=10)
     return figure
 
 
 def render(results: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in results["seeds"])
+    rates = ", ".join(f"{name} lr {lr:g}" for name, lr in results["learning_rates"].items())
     parts = [
         (
-            f'<p>AdamW (lr {beyond_adamw.ADAMW_LR}, <code>impl="fused"</code>) on {h.esc(results["model"])} '
-            f"({results['params']:,} parameters), {results['steps']:,} steps, the text of section 4, with its state "
+            f'<p>{rates} (section 4\'s learning rates, <code>impl="fused"</code>) on {h.esc(results["model"])} '
+            f"({results['params']:,} parameters), {results['steps']:,} steps, the text of section 4, with the state "
             "kept in float32, in bfloat16 (rounded stochastically) and in blockwise 8-bit (the dynamic map, a "
             f"maximum per 256 elements; tensors below 4096 elements stay float32). Each setting runs from the seeds "
-            f"{seeds}, which fix the initial weights and the batch order: the float32 runs' spread is the "
-            "seed-to-seed variation the low-precision runs are judged against. The digits MLP of section 3 is "
+            f"{seeds}, which fix the initial weights and the batch order: an algorithm's float32 runs' spread is the "
+            "seed-to-seed variation its low-precision runs are judged against. The digits MLP of section 3 is "
             "not repeated here: its layers have fewer than 4096 elements, so 8-bit state leaves it float32.</p>"
         )
     ]
     rows = [
         [
+            h.esc(row["algorithm"]),
             h.esc(row["setting"]),
             ", ".join(h.fixed(loss, 3) for loss in row["held_out_losses"]),
             h.fixed(row["mean"], 3),
@@ -173,6 +200,7 @@ def render(results: dict[str, Any]) -> str:
     parts.append(
         h.table(
             [
+                "algorithm",
                 "state",
                 "held-out loss per seed",
                 "mean",
@@ -181,14 +209,14 @@ def render(results: dict[str, Any]) -> str:
                 "seconds per run",
             ],
             rows,
-            numeric=(2, 4, 5),
+            numeric=(3, 5, 6),
         )
     )
     parts.append(
         h.figure(
             results["figures"]["curves"],
-            "Training loss with AdamW's state in float32 (black), bfloat16 (blue) and 8-bit (red): the mean over "
-            "the seeds and their range.",
+            "Training loss with the state in float32 (black), bfloat16 (blue) and 8-bit (red): the mean over "
+            "the seeds and their range, per algorithm.",
         )
     )
     return "\n".join(parts)
