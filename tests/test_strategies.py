@@ -113,11 +113,17 @@ def _compiled_configs(name: str) -> list[tuple[str, dict]]:
     return list(unique.values())
 
 
+#: Algorithms whose defaults ``compiled`` also checks in float64 (each case is a new Inductor compile;
+#: between them they use every kind of operation the others do: the moments' products and square roots,
+#: a momentum buffer, an accumulated square).
+_COMPILED_FLOAT64 = ("AdamW", "SGD", "Adagrad", "RAdam", "Rprop")
+
+
 def _compiled_cases() -> list:
-    """``compiled``: defaults in both dtypes, the other chosen configurations in float32 (each is a new
-    Inductor compile); ``fused``: every optim_db configuration in float32, and in float64 the defaults and
-    the configuration that sets the most arguments (a float64 kernel differs from the float32 one only in
-    its arithmetic type)."""
+    """``compiled``: defaults in float32 (and in float64 for :data:`_COMPILED_FLOAT64`), the other chosen
+    configurations in float32; ``fused``: every optim_db configuration in float32, and in float64 the
+    defaults and the configuration that sets the most arguments (a float64 kernel differs from the float32
+    one only in its arithmetic type)."""
     return [
         pytest.param(name, desc, kwargs, impl, dtype, id=f"{name}-{desc}-{impl}-{str(dtype)[6:]}")
         for name in ALGORITHMS
@@ -125,7 +131,8 @@ def _compiled_cases() -> list:
         for index, (desc, kwargs) in enumerate(optim_db_configs(name) if impl == "fused" else _compiled_configs(name))
         for dtype in (
             DTYPES
-            if index == 0 or (impl == "fused" and desc in {d for d, _ in _compiled_configs(name)})
+            if (index == 0 and (impl == "fused" or name in _COMPILED_FLOAT64))
+            or (impl == "fused" and desc in {d for d, _ in _compiled_configs(name)})
             else DTYPES[:1]
         )
     ]
