@@ -583,7 +583,7 @@ class ScratchOptimizer(Algorithm):
             for param in params:
                 self.check_grad(param)
         if precision.is_low(group):
-            precision.check_params(self, params)
+            precision.check_params(self, group, params)
         check_gradients_match(self, params)
         check_state_matches(
             self,

@@ -38,12 +38,13 @@ import functools
 import platform
 import threading
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from scratchopt import quantization
+from scratchopt.distributed.dtensor import global_offset, holds_whole_rows, is_dtensor, local, placements, sharded_like
 from scratchopt.strategies.kernels import runtime
 
 if TYPE_CHECKING:
@@ -77,17 +78,17 @@ def check(cls_name: str, elementwise: bool, state_dtype: Any, stochastic_roundin
         )
 
 
-def check_params(optimizer: Any, params: list[Tensor]) -> None:
-    """Refuse, before anything changes, a parameter a low-precision step cannot take: a DTensor (FSDP2's
-    sharded params; their local shards are not rounded here yet)."""
-    from scratchopt.distributed.dtensor import is_dtensor
+def check_params(optimizer: Any, group: dict[str, Any], params: list[Tensor]) -> None:
+    """Refuse, before anything changes, a parameter a low-precision step cannot take: a DTensor whose
+    8-bit state could not be sharded like it (one sharded along another dimension than its first)."""
     from scratchopt.step_checks import describe
 
     for param in params:
-        if is_dtensor(param):
+        if is_dtensor(param) and state_dtype_for(param, group) == EIGHT_BIT and not holds_whole_rows(param):
             raise NotImplementedError(
-                f"{type(optimizer).__name__}: {describe(optimizer, param)} is a DTensor (FSDP2); state_dtype "
-                "and stochastic_rounding do not take sharded parameters yet"
+                f"{type(optimizer).__name__}: {describe(optimizer, param)} is a DTensor placed "
+                f"{placements(param)}; 8-bit state is kept row by row, for parameters sharded along their "
+                "first dimension (Shard(0), FSDP2's default) or replicated"
             )
 
 
@@ -99,12 +100,13 @@ def is_low(group: dict[str, Any]) -> bool:
 def state_dtype_for(param: Tensor, group: dict[str, Any]) -> torch.dtype | str:
     """How a parameter's floating state tensors are kept: the group's ``state_dtype`` for a float32
     parameter (``"8bit"`` only from :data:`~scratchopt.quantization.MIN_NUMEL` elements on, float32
-    below), else the parameter's own dtype."""
+    below, and for a DTensor only where it has two dimensions or more), else the parameter's own dtype.
+    A DTensor's size is the whole tensor's, so every rank decides alike."""
     wanted = group.get("state_dtype", torch.float32)
     if param.dtype != torch.float32:
         return param.dtype
-    if wanted == EIGHT_BIT and param.numel() < quantization.MIN_NUMEL:
-        return torch.float32
+    if wanted == EIGHT_BIT and (param.numel() < quantization.MIN_NUMEL or (is_dtensor(param) and param.dim() < 2)):
+        return torch.float32  # a sharded vector has no rows to keep its state by
     return wanted
 
 
@@ -134,12 +136,17 @@ def cast_state(
     param: Tensor,
     dtype: torch.dtype | str,
     optimizer: Any = None,
+    rows: bool = False,
 ) -> None:
     """Store the floating state tensors named by ``keys`` that are shaped like the param as ``dtype``
-    (a torch dtype, or ``"8bit"``: packed by :mod:`~scratchopt.quantization`), in place of the dict's
-    values; a packed tensor (or its bytes cast to a float dtype by ``load_state_dict``) is unpacked first
-    where ``dtype`` is not 8-bit; scalars kept in the state stay as they are. ``optimizer``: the
-    algorithm's state layout (its nonnegative and weight-like keys)."""
+    (a torch dtype, or ``"8bit"``: packed by :mod:`~scratchopt.quantization`, row by row where ``rows``),
+    in place of the dict's values; a packed tensor (or its bytes cast to a float dtype by
+    ``load_state_dict``) is unpacked first where ``dtype`` is not 8-bit; scalars kept in the state stay as
+    they are. ``optimizer``: the algorithm's state layout (its nonnegative and weight-like keys). A
+    DTensor's state is cast shard by shard, 8-bit row by row (:func:`_cast_sharded_state`)."""
+    if is_dtensor(param):
+        _cast_sharded_state(state, keys, param, dtype, optimizer)
+        return
     nonnegative = getattr(optimizer, "nonnegative_state", ())
     wanted = dtype
     for key in keys:
@@ -152,17 +159,52 @@ def cast_state(
                 if value.dtype != torch.uint8:
                     state[key] = value.to(torch.uint8)  # byte values, exact in any float dtype
                 continue
-            bytes_ = value.to(torch.uint8)
-            value = quantization.dequantize(bytes_, param.numel(), signed(key, nonnegative)).view(param.shape)
+            value = unpacked(value.to(torch.uint8), param, signed(key, nonnegative))
             state[key] = value
         if not (value.is_floating_point() and value.shape == param.shape):
             continue
-        if dtype == EIGHT_BIT:
+        if dtype == EIGHT_BIT and rows:
+            packed = torch.empty(quantization.rows_shape(param.shape), dtype=torch.uint8, device=param.device)
+            quantization.quantize_rows(value.float().reshape(param.shape[0], -1), packed, signed(key, nonnegative))
+            state[key] = packed
+            _freed(value.numel() * value.element_size())
+        elif dtype == EIGHT_BIT:
             state[key] = quantization.quantize(value.float().contiguous(), signed(key, nonnegative))
             _freed(value.numel() * value.element_size())
         elif value.dtype != dtype:
             state[key] = value.to(dtype)
             _freed(value.numel() * value.element_size())
+
+
+def unpacked(packed: Tensor, param: Tensor, signed: bool) -> Tensor:
+    """The float32 values, shaped like ``param``, of a packed state tensor of it (uint8; flat or row by
+    row, :mod:`~scratchopt.quantization`)."""
+    if quantization.is_packed_by_rows(packed, param):
+        return quantization.dequantize_rows(packed, param.numel() // param.shape[0], signed).reshape(param.shape)
+    return quantization.dequantize(packed, param.numel(), signed).view(param.shape)
+
+
+def _unpacked_whole(packed: Tensor, param: Tensor, signed: bool) -> Tensor:
+    """:func:`unpacked`, for a DTensor shard by shard (placed like its param)."""
+    if not is_dtensor(param):
+        return unpacked(packed, param, signed)
+    return sharded_like(unpacked(local(packed), local(param.detach()), signed), param)
+
+
+def _cast_sharded_state(
+    state: dict[str, Any], keys: tuple[str, ...], param: Tensor, dtype: torch.dtype | str, optimizer: Any
+) -> None:
+    """:func:`cast_state` for a DTensor param: each state DTensor's local shard is cast, and the result
+    placed like the param, 8-bit state as a DTensor of the row-by-row storage, so that its rows shard as
+    the param's do."""
+    shard = local(param.detach())
+    shards = {key: local(value) for key, value in state.items() if key in keys and is_dtensor(value)}
+    given = dict(shards)
+    cast_state(shards, keys, shard, dtype, optimizer, rows=True)
+    for key, value in shards.items():
+        if value is not given[key]:
+            whole = None if value.shape == shard.shape else quantization.rows_shape(param.shape)
+            state[key] = sharded_like(value, param, whole)
 
 
 #: Bytes of state freed after narrowing it, after which the freed heap pages go back to the OS.
@@ -339,6 +381,7 @@ def update(
     run: Run,
     base: int | None = None,
     counted: list[dict[str, Any]] | None = None,
+    layouts: list[Layout] | None = None,
 ) -> None:
     """One step of a low-precision group with the group's strategy (``run``, its ``update``): the
     strategy updates float32 copies of the bfloat16 tensors each param's update writes (a copy of the
@@ -349,9 +392,15 @@ def update(
     the element's index only, so the chunking changes no number.
 
     ``base``: the step's seed where the caller drew it; ``counted``: each param's arguments where the
-    caller has counted the steps already (``run`` then takes the chunk's as a fifth argument).
+    caller has counted the steps already (``run`` then takes the chunk's as a fifth argument). A group of
+    DTensors is updated shard by shard (:func:`_update_shards`); ``layouts`` are then what the whole
+    tensors say of each shard.
     """
     from scratchopt.optimizer import ScratchOptimizer
+
+    if layouts is None and any(is_dtensor(p) for p in params):
+        _update_shards(optimizer, group, params, hyperparameters, run, base, counted)
+        return
 
     # Fresh state is made here, in its stored dtype, so that the copies below see it; an algorithm that
     # makes its state in its own bookkeeping (SGD) makes it on the copies, and it is stored after.
@@ -364,8 +413,10 @@ def update(
         states.append(state)
     units: list[tuple[int, int, int]] = []  # (param index, first element, end), the end −1 for all of it
     for index, (param, state) in enumerate(zip(params, states, strict=True)):
-        sliceable = param.is_contiguous() and all(
-            t.is_contiguous() for t in state.values() if isinstance(t, Tensor) and t.shape == param.shape
+        sliceable = (
+            param.is_contiguous()
+            and all(t.is_contiguous() for t in state.values() if isinstance(t, Tensor) and t.shape == param.shape)
+            and not (layouts is not None and layouts[index].rows and layouts[index].kept == EIGHT_BIT)
         )
         if param.numel() <= CHUNK_ELEMENTS or not sliceable:
             units.append((index, 0, -1))
@@ -405,9 +456,78 @@ def update(
                 run(o, g, shadows, h, values)
 
         _update_chunk(
-            optimizer, group, params, states, snapshots, chunk, before, hyperparameters, chunk_run, stochastic, base
+            optimizer,
+            group,
+            params,
+            states,
+            snapshots,
+            chunk,
+            before,
+            hyperparameters,
+            chunk_run,
+            stochastic,
+            base,
+            layouts or [Layout(state_dtype_for(p, group)) for p in params],
         )
         start = end
+
+
+class Layout(NamedTuple):
+    """What a param's whole tensor says of the tensor a step updates: how its state is kept (``kept``,
+    :func:`state_dtype_for`), whether 8-bit state is kept row by row (``rows``), and where the tensor
+    starts in the whole (``offset``, the index its elements' random bits count from)."""
+
+    kept: torch.dtype | str
+    rows: bool = False
+    offset: int = 0
+
+
+def _update_shards(
+    optimizer: ScratchOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    hyperparameters: Any,
+    run: Run,
+    base: int | None,
+    counted: list[dict[str, Any]] | None,
+) -> None:
+    """:func:`update` of a group of DTensors (FSDP2's sharded params): the update of each local shard is
+    the update of the whole tensor, so the step runs on the shards, their gradients and their state's
+    shards, with what only the whole tensor says (:class:`Layout`): how its state is kept (decided by
+    the whole param's size, so alike on every rank), 8-bit state row by row, and where the shard starts,
+    so that its random bits are the whole tensor's and a sharded run rounds as an unsharded one. State
+    the step makes is placed like its param."""
+    from scratchopt.optimizer import ScratchOptimizer
+
+    makes_state = type(optimizer).init_state is not ScratchOptimizer.init_state
+    shards: list[Tensor] = []
+    given: list[dict[str, Any]] = []
+    layouts: list[Layout] = []
+    for param in params:
+        state = optimizer.state[param]
+        if not state and makes_state:
+            state.update(optimizer.new_state(param, group))
+        shard = local(param.detach())
+        shard.grad = local(param.grad)  # type: ignore[arg-type]  # the dispatcher passes params with a gradient
+        shard_state = {key: local(value) if is_dtensor(value) else value for key, value in state.items()}
+        optimizer.state[shard] = shard_state
+        shards.append(shard)
+        given.append(dict(shard_state))
+        layouts.append(Layout(state_dtype_for(param, group), param.dim() >= 2, global_offset(param)))
+    try:
+        update(optimizer, group, shards, hyperparameters, run, base, counted, layouts)
+    finally:
+        for param, shard, before in zip(params, shards, given, strict=True):
+            updated = optimizer.state.pop(shard, {})
+            state = optimizer.state[param]
+            for key, value in updated.items():
+                if value is before.get(key):
+                    continue
+                if isinstance(value, Tensor) and value.dim() > 0:
+                    whole = None if value.shape == shard.shape else quantization.rows_shape(param.shape)
+                    state[key] = sharded_like(value, param, whole)
+                else:
+                    state[key] = value
 
 
 def _size(params: list[Tensor], unit: tuple[int, int, int]) -> int:
@@ -432,6 +552,7 @@ def _update_chunk(
     run: Run,
     stochastic: bool,
     base: int,
+    layouts: list[Layout],
 ) -> None:
     keys = optimizer.state_keys
     shadows: list[Tensor] = []
@@ -482,9 +603,12 @@ def _update_chunk(
                 first, end = (0, param.numel()) if hi < 0 else (lo, hi)
                 values = scratch[used : used + end - first]
                 used += end - first
-                quantization.dequantize_part(
-                    value, param.numel(), first, end, signed(key, optimizer.nonnegative_state), out=values
-                )
+                if quantization.is_packed_by_rows(value, param):  # never sliced
+                    values.view(param.shape).copy_(unpacked(value, param, signed(key, optimizer.nonnegative_state)))
+                else:
+                    quantization.dequantize_part(
+                        value, param.numel(), first, end, signed(key, optimizer.nonnegative_state), out=values
+                    )
                 shadow_state[key] = values.view(param.shape) if hi < 0 else values
             elif key in copies:
                 shadow_state[key] = _part(value, lo, hi).float()
@@ -505,24 +629,34 @@ def _update_chunk(
             param, state = params[index], states[index]
             updated = optimizer.state.pop(shadow)
             offset, size = max(lo, 0), _size(params, (index, lo, hi))
+            layout = layouts[index]
             for key, value in updated.items():
                 seed = tensor_seed(base, index, keys.index(key) + 1 if key in keys else 0)
-                if key in copies and state[key].dtype == torch.uint8:
+                if key in copies and quantization.is_packed_by_rows(state[key], param):
+                    quantization.quantize_rows(
+                        value.reshape(param.shape[0], -1), state[key], signed(key, optimizer.nonnegative_state)
+                    )
+                elif key in copies and state[key].dtype == torch.uint8:
                     quantization.quantize_part(
                         value, state[key], param.numel(), offset, signed(key, optimizer.nonnegative_state)
                     )
                 elif key in copies:
-                    round_stochastically(value, seed, _part(state[key], lo, hi), offset)
+                    round_stochastically(value, seed, _part(state[key], lo, hi), layout.offset + offset)
                 elif value is before.get(key):
                     continue  # unchanged, or a view of the stored tensor the update wrote through
                 elif key in keys and isinstance(value, Tensor) and value.numel() == size and value.dim() > 0:
                     # state the algorithm's bookkeeping made (SGD's momentum buffer), stored like the rest
-                    wanted = (
-                        kept_as(optimizer, key, state_dtype_for(param, group))
-                        if shadow.dtype == param.dtype
-                        else param.dtype
-                    )
+                    wanted = kept_as(optimizer, key, layout.kept) if shadow.dtype == param.dtype else param.dtype
                     stored = state.get(key)
+                    if wanted == EIGHT_BIT and layout.rows:
+                        if not (isinstance(stored, Tensor) and stored.dtype == torch.uint8):
+                            stored = state[key] = torch.empty(
+                                quantization.rows_shape(param.shape), dtype=torch.uint8, device=param.device
+                            )
+                        quantization.quantize_rows(
+                            value.float().reshape(param.shape[0], -1), stored, signed(key, optimizer.nonnegative_state)
+                        )
+                        continue
                     if wanted == EIGHT_BIT:
                         if not (isinstance(stored, Tensor) and stored.dtype == torch.uint8):
                             stored = state[key] = torch.empty(
@@ -535,13 +669,15 @@ def _update_chunk(
                     if not (isinstance(stored, Tensor) and stored.shape == param.shape and stored.dtype == wanted):
                         stored = state[key] = torch.empty(param.shape, dtype=wanted, device=param.device)  # type: ignore[arg-type]
                     if wanted == torch.bfloat16 and value.dtype == torch.float32:
-                        round_stochastically(value, seed, _part(stored, lo, hi), offset)
+                        round_stochastically(value, seed, _part(stored, lo, hi), layout.offset + offset)
                     else:
                         _part(stored, lo, hi).copy_(value.view(-1) if hi >= 0 else value)
                 elif lo == 0:  # a scalar the step set (the first slice alone counts the param's step)
                     state[key] = value
             if shadow.dtype != param.dtype:
-                round_stochastically(shadow, tensor_seed(base, index, 0), _part(param.detach(), lo, hi), offset)
+                round_stochastically(
+                    shadow, tensor_seed(base, index, 0), _part(param.detach(), lo, hi), layout.offset + offset
+                )
             optimizer.state[param] = state
 
 
@@ -562,9 +698,7 @@ def float32_state_dict(optimizer: ScratchOptimizer) -> dict[str, Any]:
             if not isinstance(value, Tensor) or param.dtype != torch.float32:
                 continue
             if value.dtype == torch.uint8 and quantization.is_packed(value, param):
-                numel = param.numel()
-                values = quantization.dequantize(value, numel, signed(key, optimizer.nonnegative_state))
-                converted[key] = values.view(param.shape)
+                converted[key] = _unpacked_whole(value, param, signed(key, optimizer.nonnegative_state))
             elif value.dtype == torch.bfloat16 and value.shape == param.shape:
                 converted[key] = value.float()
         state[index] = converted

@@ -18,9 +18,16 @@ The dynamic map (the paper's "dynamic tree quantization", generalised from Dettm
 and 1. So the relative error is about the same from 10⁻⁷ to 1 of the block's maximum. The unsigned map
 is for state that is never negative (second moments): one more bit of fraction.
 
-Storage (:func:`pack`): one flat uint8 tensor of n + 4·⌈n / 256⌉ bytes, the n codes followed by the
+Storage (:func:`quantize`): one flat uint8 tensor of n + 4·⌈n / 256⌉ bytes, the n codes followed by the
 blocks' a_b as float32 (the machine's byte order, little-endian here), kept under the state's own key
 (``exp_avg``…), so ``torch.save`` and ``torch.load(weights_only=True)`` take it as any tensor.
+
+Row by row (:func:`quantize_rows`), for the state of a parameter FSDP2 shards along its first dimension:
+a parameter of shape (R, …) with K elements per row keeps a uint8 tensor of shape (R, K + 4·⌈K / 256⌉),
+each row the flat storage above of that row's K values. Its rows are sharded like the parameter's, so
+every rank quantises its own rows, the numbers do not depend on the number of ranks, and
+``torch.distributed.checkpoint`` saves and reshards it as any tensor. Where K is a multiple of 256 the
+blocks are those of the flat storage and so are the codes.
 """
 
 from __future__ import annotations
@@ -150,10 +157,29 @@ def _floats(bits: Tensor) -> Tensor:
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
 
 
+def rows_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The shape of the row-by-row storage of a tensor of ``shape`` (two or more dimensions)."""
+    rows = shape[0]
+    per_row = 1
+    for size in shape[1:]:
+        per_row *= size
+    return rows, packed_numel(per_row)
+
+
 def is_packed(value: Tensor, param: Tensor) -> bool:
-    """Whether ``value`` is the packed form of a state tensor of ``param`` (or those bytes cast to another
-    dtype, as ``Optimizer.load_state_dict`` casts every state tensor to the param's dtype)."""
-    return value.dim() == 1 and value.numel() == packed_numel(param.numel()) and value.shape != param.shape
+    """Whether ``value`` is the packed form of a state tensor of ``param``, flat or row by row (or those
+    bytes cast to another dtype, as ``Optimizer.load_state_dict`` casts every state tensor to the param's
+    dtype)."""
+    if value.shape == param.shape:
+        return False
+    if value.dim() == 1:
+        return value.numel() == packed_numel(param.numel())
+    return value.dim() == 2 and param.dim() >= 2 and tuple(value.shape) == rows_shape(param.shape)
+
+
+def is_packed_by_rows(value: Tensor, param: Tensor) -> bool:
+    """Whether ``value`` is the row-by-row packed form of a state tensor of ``param``."""
+    return value.dim() == 2 and is_packed(value, param)
 
 
 def maxima_part(packed: Tensor, numel: int, lo: int, hi: int) -> Tensor:
@@ -212,3 +238,30 @@ def quantize(values: Tensor, signed: bool = True) -> Tensor:
 def dequantize(packed: Tensor, numel: int, signed: bool = True) -> Tensor:
     """The float32 values of a packed tensor of ``numel`` values (flat)."""
     return dequantize_part(packed, numel, 0, numel, signed)
+
+
+def quantize_rows(values: Tensor, packed: Tensor, signed: bool = True) -> None:
+    """Quantise ``values`` (float32, R rows of K) into ``packed`` (uint8, R × (K + 4·⌈K / 256⌉)), each row
+    as its own flat storage: the rows are padded with zeros to whole blocks (which changes no block's
+    maximum) and quantised in one flat pass, and the codes and maxima of each row put in its place."""
+    rows, per_row = values.shape
+    if rows == 0:
+        return  # a rank holding none of a param's rows
+    blocks = blocks_of(per_row)
+    padded = torch.nn.functional.pad(values, (0, blocks * BLOCK - per_row)) if per_row % BLOCK else values
+    flat = quantize(padded.contiguous().view(-1), signed)
+    packed[:, :per_row] = flat[: padded.numel()].view(rows, -1)[:, :per_row]
+    packed[:, per_row:] = flat[padded.numel() :].view(rows, 4 * blocks)
+
+
+def dequantize_rows(packed: Tensor, per_row: int, signed: bool = True) -> Tensor:
+    """The float32 values (R × K) of row-by-row storage of K values per row."""
+    rows = packed.shape[0]
+    if rows == 0:
+        return torch.empty(0, per_row, dtype=torch.float32, device=packed.device)
+    blocks = blocks_of(per_row)
+    codes = packed[:, :per_row]
+    if per_row % BLOCK:
+        codes = torch.nn.functional.pad(codes, (0, blocks * BLOCK - per_row))
+    flat = torch.cat([codes.reshape(-1), packed[:, per_row:].reshape(-1)])
+    return dequantize(flat, rows * blocks * BLOCK, signed).view(rows, -1)[:, :per_row]

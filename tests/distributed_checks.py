@@ -8,7 +8,9 @@ What only a rank can see (the type and placements of the optimizer's state next 
 here, so a mismatch comes back as the check's failure with its traceback.
 
 The MLP's last layer has 5 outputs: sharded over 2 ranks its weight splits 3 + 2 rows, the uneven case
-FSDP2 pads internally.
+FSDP2 pads internally. The low-precision checks (``state_dtype``) train a wider MLP whose first weight,
+17 rows of 256, is large enough for 8-bit state and splits 9 + 8 rows; their reference is the same
+scratchopt optimizer on an unsharded copy given the same whole gradients, stepping with the same seed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import scratchopt
+from scratchopt import precision, quantization
 from scratchopt.strategies.kernels import cache as _compiled
 
 STRATEGIES = scratchopt.strategies.NAMES
@@ -49,6 +52,11 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "SGD": {"lr": 0.05, "momentum": 0.9},
 }
 STEPS = 4
+#: The low-precision settings run under FSDP2 and DCP.
+STATE_DTYPES: dict[str, Any] = {"bf16": torch.bfloat16, "8bit": "8bit"}
+#: The strategies a low-precision DCP resume runs with: every strategy updates a sharded group through
+#: the same widened step, so the reference and the fastest suffice.
+LOW_PRECISION_RESUMED = ("loop", "fused")
 #: Steps before a checkpoint, then steps after it (on the resumed run and on the uninterrupted one).
 STEPS_BEFORE_SAVE, STEPS_AFTER_LOAD = 3, 3
 
@@ -56,6 +64,13 @@ STEPS_BEFORE_SAVE, STEPS_AFTER_LOAD = 3, 3
 def mlp(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 5))
+
+
+def wide_mlp(seed: int, outputs: int = 5) -> nn.Sequential:
+    """An MLP with 256 inputs: its first weight (17 × 256) keeps 8-bit state in whole blocks per row;
+    with ``outputs`` = 300 the last weight (300 × 17) does too, in one short block per row."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 17), nn.Tanh(), nn.Linear(17, outputs))
 
 
 def sharded(model: nn.Sequential) -> nn.Sequential:
@@ -68,18 +83,23 @@ def sharded(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
-def batch(step: int) -> tuple[Tensor, Tensor]:
-    """This rank's batch at ``step``: different on every rank, the same for every model on a rank."""
+def batch(step: int, model: nn.Module) -> tuple[Tensor, Tensor]:
+    """This rank's batch at ``step`` for ``model`` (its first and last layers' sizes, through any
+    wrapper): different on every rank, the same for every model on a rank."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    sizes = (linears[0].in_features, linears[-1].out_features)
     generator = torch.Generator().manual_seed(1000 * step + dist.get_rank())
-    return torch.randn(8, 16, generator=generator), torch.randn(8, 5, generator=generator)
+    return torch.randn(8, sizes[0], generator=generator), torch.randn(8, sizes[1], generator=generator)
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
     for step in steps:
-        inputs, targets = batch(step)
+        inputs, targets = batch(step, model)
         optimizer.zero_grad()
         nn.functional.mse_loss(model(inputs), targets).backward()
-        optimizer.step()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step)  # the seed of a low-precision step's rounding, the same in every run
+            optimizer.step()
 
 
 def full(value: Tensor) -> Tensor:
@@ -161,7 +181,7 @@ def check_fsdp2_step_in_backward(impl: str, out_dir: Path, check: str) -> dict[s
     stepper = scratchopt.step_in_backward(model, functools.partial(scratchopt.AdamW, impl=impl, **kwargs))
     theirs = torch_twin("AdamW", their_model.parameters(), kwargs)
     for step in range(STEPS):
-        inputs, targets = batch(step)
+        inputs, targets = batch(step, model)
         nn.functional.mse_loss(model(inputs), targets).backward()
     assert all(p.grad is None for p in model.parameters()), "a gradient was left after backward"
     train(their_model, theirs, range(STEPS))
@@ -173,12 +193,64 @@ def check_fsdp2_step_in_backward(impl: str, out_dir: Path, check: str) -> dict[s
     return {}
 
 
-def check_dcp_resume(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
+def check_low_precision(state_dtype: str, impl: str, out_dir: Path, check: str) -> dict[str, Any]:
+    """AdamW with low-precision state under FSDP2 against the same optimizer on an unsharded copy of the
+    model, given the whole gradients of each step: the same parameters and state bit for bit (8-bit
+    state row by row is the flat storage where a row is whole blocks, and each shard's random bits are
+    the whole tensor's); the state is placed like its param, 8-bit state row by row."""
+    kwargs = {**ALGORITHMS["AdamW"], "state_dtype": STATE_DTYPES[state_dtype]}
+    model, unsharded = sharded(wide_mlp(0)), wide_mlp(0)
+    ours = scratchopt.AdamW(model.parameters(), impl=impl, **kwargs)
+    reference = scratchopt.AdamW(unsharded.parameters(), impl=impl, **kwargs)
+    for step in range(STEPS):
+        inputs, targets = batch(step, model)
+        ours.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        for param, twin in zip(model.parameters(), unsharded.parameters(), strict=True):
+            twin.grad = full(param.grad)  # type: ignore[arg-type]  # every param has a gradient
+        for optimizer in (ours, reference):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(step)
+                optimizer.step()
+    weight = model[0].weight
+    for key, value in ours.state[weight].items():
+        if value.dim():
+            assert isinstance(value, DTensor) and value.placements == weight.placements, f"{key}: {describe(value)}"
+            if state_dtype == "8bit":
+                assert value.dtype == torch.uint8 and value.shape == quantization.rows_shape(weight.shape), key
+            else:
+                assert value.dtype == torch.bfloat16 and value.to_local().shape == weight.to_local().shape, key
+    bias_state = ours.state[model[0].bias]["exp_avg"]
+    assert bias_state.dtype == (torch.float32 if state_dtype == "8bit" else torch.bfloat16), describe(bias_state)
+    pairs = {
+        "sharded vs unsharded": (snapshot(model), snapshot(unsharded)),
+        "float32 state_dict, sharded vs unsharded": (
+            _state_tensors(_full_state_dict(precision.float32_state_dict(ours))),
+            _state_tensors(precision.float32_state_dict(reference)),
+        ),
+    }
+    save_pairs(out_dir, check, pairs)
+    return {}
+
+
+def _full_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state_dict with every DTensor gathered whole (a collective)."""
+    state = {
+        i: {k: full(v) if isinstance(v, Tensor) else v for k, v in s.items()} for i, s in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
+def check_dcp_resume(impl: str, out_dir: Path, check: str, state_dtype: str | None = None) -> dict[str, Any]:
     """Save with torch.distributed.checkpoint after a few steps, load into a fresh model and optimizer,
-    continue; the parameters and state must be those of the run that never stopped."""
-    kwargs = ALGORITHMS["AdamW"]
-    path = out_dir / f"checkpoint-{impl}"
-    model = sharded(mlp(0))
+    continue; the parameters and state must be those of the run that never stopped. With
+    ``state_dtype``, on the wide MLP whose two weights keep 8-bit state, one of them in short blocks."""
+    kwargs = dict(ALGORITHMS["AdamW"])
+    path = out_dir / f"checkpoint-{impl}-{state_dtype}"
+    make = functools.partial(wide_mlp, outputs=300) if state_dtype else mlp
+    if state_dtype:
+        kwargs["state_dtype"] = STATE_DTYPES[state_dtype]
+    model = sharded(make(0))
     optimizer = scratchopt.AdamW(model.parameters(), impl=impl, **kwargs)
     train(model, optimizer, range(STEPS_BEFORE_SAVE))
     dcp.save(
@@ -186,7 +258,7 @@ def check_dcp_resume(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
     )
     train(model, optimizer, range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_LOAD))
 
-    resumed = sharded(mlp(1))  # other initial values: the checkpoint must overwrite all of them
+    resumed = sharded(make(1))  # other initial values: the checkpoint must overwrite all of them
     resumed_optimizer = scratchopt.AdamW(resumed.parameters(), impl=impl, **kwargs)
     state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_optimizer)}
     dcp.load(state, checkpoint_id=path)
@@ -279,6 +351,12 @@ def checks(out_dir: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
         yield name, lambda i=impl, n=name: check_fsdp2_step_in_backward(i, out_dir, n)
         name = f"dcp/AdamW/{impl}"
         yield name, lambda i=impl, n=name: check_dcp_resume(i, out_dir, n)
+        for state_dtype in STATE_DTYPES:
+            name = f"fsdp2-{state_dtype}-state/AdamW/{impl}"
+            yield name, lambda d=state_dtype, i=impl, n=name: check_low_precision(d, i, out_dir, n)
+            if impl in LOW_PRECISION_RESUMED:
+                name = f"dcp-{state_dtype}-state/AdamW/{impl}"
+                yield name, lambda d=state_dtype, i=impl, n=name: check_dcp_resume(i, out_dir, n, d)
         for algorithm in ALGORITHMS:
             name = f"ddp/{algorithm}/{impl}"
             yield (

@@ -1,6 +1,6 @@
 """scratchopt inside torch.distributed, on 2 gloo ranks on one machine: FSDP2, stepping during backward
-under FSDP2, a torch.distributed.checkpoint resume under FSDP2, DDP, and ZeroRedundancyOptimizer, with
-every strategy.
+under FSDP2, a torch.distributed.checkpoint resume under FSDP2, bfloat16 and 8-bit state under FSDP2 and
+through a resume, DDP, and ZeroRedundancyOptimizer, with every strategy.
 
 All checks run in one launch of two rank processes (:mod:`ranks`; what each rank does is in
 :mod:`distributed_checks`), because starting a rank costs seconds and the checks themselves well under
@@ -9,7 +9,8 @@ one each. Each test then compares the full tensors the ranks left behind:
 * against ``torch.optim`` (for-loop) on the same wrapped model: bit-for-bit for ``loop`` and ``foreach``;
   within ``FEW_ULP`` units in the last place for ``compiled`` and ``fused``, the tolerance
   ``tests/test_strategies.py`` states and explains;
-* a resumed run against the run that never stopped, with the same strategy on both sides: bit-for-bit.
+* a resumed run against the run that never stopped, with the same strategy on both sides: bit-for-bit;
+* low-precision state under FSDP2 against the same optimizer on an unsharded copy: bit-for-bit.
 
 A rank that crashes, or ranks that run past the deadline, fail every test here with each rank's output.
 """

@@ -402,11 +402,12 @@ def test_a_subclass_that_names_the_setting_receives_it():
 _FSDP2_REFUSAL = """
 import os, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
 import scratchopt
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
-model = fully_shard(torch.nn.Linear(8, 4))
-optimizer = scratchopt.AdamW(model.parameters(), state_dtype=torch.bfloat16)
-model(torch.randn(2, 8)).sum().backward()
+model = fully_shard(torch.nn.Linear(64, 128), shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
+optimizer = scratchopt.AdamW(model.parameters(), state_dtype="8bit")
+model(torch.randn(2, 64)).sum().backward()
 before = [p.to_local().clone() for p in model.parameters()]
 try:
     optimizer.step()
@@ -417,8 +418,10 @@ dist.destroy_process_group()
 """
 
 
-def test_sharded_params_are_refused_before_anything_changes(tmp_path):
-    """FSDP2's DTensor params in a low-precision group: NotImplementedError, params and state untouched."""
+def test_8bit_state_of_a_param_sharded_along_its_columns_is_refused_before_anything_changes(tmp_path):
+    """8-bit state of a DTensor is kept row by row: a weight FSDP2 shards along its second dimension
+    (``shard_placement_fn``) is refused with NotImplementedError, params and state untouched. Sharded
+    params in low-precision groups otherwise train as unsharded ones (``tests/test_distributed.py``)."""
     import subprocess
     import sys
 
@@ -426,7 +429,7 @@ def test_sharded_params_are_refused_before_anything_changes(tmp_path):
         [sys.executable, "-c", _FSDP2_REFUSAL, str(tmp_path / "store")], capture_output=True, text=True, timeout=120
     )
     assert done.stdout.startswith("refused"), done.stdout + done.stderr
-    assert "DTensor" in done.stdout
+    assert "Shard(dim=1)" in done.stdout and "parameter 0" in done.stdout, done.stdout
 
 
 #: Algorithms whose bfloat16 step the fused kernel takes natively here, each for a reason: the default

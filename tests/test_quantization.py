@@ -153,6 +153,35 @@ def test_the_native_passes_are_the_torch_definition_bit_for_bit(signed):
     )
 
 
+@pytest.mark.parametrize("per_row", [256, 300, 17])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_row_by_row_storage_is_each_row_quantised_as_its_own_tensor(per_row, signed):
+    """The storage of FSDP2-sharded state: row r of the packed tensor is the flat storage of row r of
+    the values (short last blocks, a zero row and a NaN row included), and so is its dequantisation;
+    where the rows are whole blocks, the codes are the flat storage's."""
+    values = _values(7 * per_row, 5, signed).view(7, per_row)
+    values[2] = 0.0
+    values[4, 3] = float("nan")
+    packed = torch.full(quantization.rows_shape(values.shape), 0xAB, dtype=torch.uint8)
+    quantization.quantize_rows(values, packed, signed)
+    back = quantization.dequantize_rows(packed, per_row, signed)
+    for row in range(7):
+        expected = quantization.quantize_in_torch(values[row], signed)
+        assert torch.equal(packed[row], expected), row
+        assert torch.equal(
+            back[row].view(torch.int32), quantization.dequantize_in_torch(expected, per_row, signed).view(torch.int32)
+        ), row
+    param = torch.zeros(7, per_row)
+    assert quantization.is_packed_by_rows(packed, param) and quantization.is_packed(packed, param)
+    assert not quantization.is_packed_by_rows(quantization.quantize(values.reshape(-1)), param)
+    none = torch.empty(quantization.rows_shape((0, per_row)), dtype=torch.uint8)  # a rank holding no row
+    quantization.quantize_rows(values[:0], none, signed)
+    assert quantization.dequantize_rows(none, per_row, signed).shape == (0, per_row)
+    if per_row % quantization.BLOCK == 0:
+        flat = quantization.quantize(values.reshape(-1), signed)
+        assert torch.equal(packed[:, :per_row].reshape(-1), quantization.codes_of(flat, values.numel()))
+
+
 def _copy_through(param, grad, state):
     param.copy_(state)
     state.copy_(grad)

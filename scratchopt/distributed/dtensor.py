@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 DTensor: Any
@@ -33,12 +34,36 @@ def placements(tensor: Tensor) -> Any:
     return getattr(tensor, "placements", None)
 
 
-def sharded_like(view: Tensor, like: Tensor) -> Tensor:
-    """``view`` (a local shard) as a DTensor placed like ``like``, or ``view`` itself for a plain ``like``."""
+def sharded_like(view: Tensor, like: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+    """``view`` (a local shard) as a DTensor placed like ``like``, or ``view`` itself for a plain ``like``;
+    ``shape``: the whole tensor's (contiguous), where it is not ``like``'s."""
     if not is_dtensor(like):
         return view
     mesh = like.device_mesh  # type: ignore[attr-defined]  # a DTensor
-    return DTensor.from_local(view, mesh, placements(like), run_check=False, shape=like.shape, stride=like.stride())
+    if shape is None:
+        return DTensor.from_local(view, mesh, placements(like), run_check=False, shape=like.shape, stride=like.stride())
+    stride = tuple(int(torch.Size(shape[d + 1 :]).numel()) for d in range(len(shape)))
+    return DTensor.from_local(view, mesh, placements(like), run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def holds_whole_rows(tensor: Tensor) -> bool:
+    """Whether each rank's shard of a DTensor is a range of its rows (every placement ``Shard(0)`` or
+    ``Replicate()``, FSDP2's default), so that state kept row by row shards like it."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in placements(tensor))
+
+
+def global_offset(tensor: Tensor) -> int:
+    """Where a DTensor's local shard starts in the whole tensor (the flat row-major index of its first
+    element; the shard's elements follow it in that order where :func:`holds_whole_rows`); 0 for a plain
+    tensor."""
+    if not is_dtensor(tensor):
+        return 0
+    # The shard's place, as torch.distributed.checkpoint reads it.
+    chunk = tensor.__create_chunk_list__()[0]  # type: ignore[attr-defined]  # a DTensor
+    strides = [int(torch.Size(tensor.shape[d + 1 :]).numel()) for d in range(tensor.dim())]
+    return sum(int(offset) * stride for offset, stride in zip(chunk.offsets, strides, strict=True))
 
 
 def local_shards(tensors: list[Tensor | None]) -> list[Tensor | None]:
