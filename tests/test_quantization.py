@@ -182,6 +182,27 @@ def test_row_by_row_storage_is_each_row_quantised_as_its_own_tensor(per_row, sig
         assert torch.equal(packed[:, :per_row].reshape(-1), quantization.codes_of(flat, values.numel()))
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_the_runtime_quantises_alike_with_every_vector_extension_of_this_cpu(signed):
+    """The runtime's passes use the kernels' block helpers with the CPU's vector extension: each one
+    this CPU has (AVX-512, AVX2, none) gives the torch definition bit for bit on the hard values."""
+    module = runtime.ready()
+    x = _hard_values(signed)
+    n = x.numel()
+    reference = quantization.quantize_in_torch(x, signed)
+    values = quantization.dequantize_in_torch(reference, n, signed)
+    levels = range(module.cpu_vector() + 1)
+    for level in levels:
+        packed = torch.empty_like(reference)
+        module.quantize_blockwise(x, packed[:n], packed[n:], quantization.lookup_table(signed), level)
+        assert torch.equal(packed, reference), f"vector extension {level}"
+        out = torch.empty(n)
+        module.dequantize_blockwise(reference[:n], reference[n:], out, quantization.dynamic_map(signed), level)
+        assert torch.equal(out.view(torch.int32), values.view(torch.int32)), f"vector extension {level}"
+    with pytest.raises(RuntimeError, match="no vector extension"):
+        module.quantize_blockwise(x, reference[:n].clone(), reference[n:].clone(), quantization.lookup_table(signed), 3)
+
+
 def _copy_through(param, grad, state):
     param.copy_(state)
     state.copy_(grad)

@@ -82,6 +82,31 @@ CXX_FLAGS = (
 #: Below this many elements in a call the kernel runs on one thread: a parallel region costs more there.
 MIN_PARALLEL_NUMEL = 65536
 
+#: Stochastic rounding, as the generated kernels and the native runtime's eager pass
+#: (:mod:`~scratchopt.strategies.kernels.runtime`) both do it: one code for both.
+ROUNDING_HELPERS = r"""
+#include <cstdint>
+#include <cstring>
+// Where block `block` of a tensor with seed s starts reading the noise table (scratchopt.precision.hash16).
+static inline int64_t so_block_start(uint32_t s, int64_t block) {
+  uint32_t x = (uint32_t)block * 0x9E3779B1u + s;
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  x ^= x >> 15;
+  return (int64_t)(x >> 16);
+}
+// value rounded to bfloat16 stochastically (scratchopt.precision.round_stochastically): 16 random bits
+// added to the low half of the bit pattern, which is then dropped; NaN stays quiet.
+static inline uint16_t so_round(float value, uint16_t noise) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  const uint32_t rounded = (bits + noise) >> 16;
+  return (uint16_t)((bits & 0x7FFFFFFFu) > 0x7F800000u ? ((bits >> 16) | 0x40u) : rounded);
+}
+"""
+
 _PRELUDE = r"""
 #include <cmath>
 #include <cstdint>
@@ -108,35 +133,32 @@ static inline float so_widen(uint16_t b) {
 static inline uint32_t so_tensor_seed(int64_t seed, int64_t j, int64_t slot) {
   return (uint32_t)seed + (uint32_t)(j * 0x10001 + slot + 1) * 0x9E3779B1u;
 }
-// Where block `block` of a tensor with seed s starts reading the noise table (scratchopt.precision.hash16).
-static inline int64_t so_block_start(uint32_t s, int64_t block) {
-  uint32_t x = (uint32_t)block * 0x9E3779B1u + s;
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  x ^= x >> 15;
-  return (int64_t)(x >> 16);
-}
 // 8-bit state (scratchopt.quantization): a table's numel carries PACKED_ROW where the param's state is
 // packed; below it, the element count.
 static constexpr int64_t so_packed_row = int64_t(1) << 48;
 static inline int64_t so_numel(int64_t entry) { return entry & (so_packed_row - 1); }
-// value rounded to bfloat16 stochastically (scratchopt.precision.round_stochastically): 16 random bits
-// added to the low half of the bit pattern, which is then dropped; NaN stays quiet.
-static inline uint16_t so_round(float value, uint16_t noise) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  const uint32_t rounded = (bits + noise) >> 16;
-  return (uint16_t)((bits & 0x7FFFFFFFu) > 0x7F800000u ? ((bits >> 16) | 0x40u) : rounded);
-}
 """
 
-#: What a kernel with 8-bit inputs adds (the intrinsics' header costs a fraction of a second per compile,
-#: so the other kernels go without it).
-_PACKED_PRELUDE = r"""
-#if defined(__AVX2__)
+#: Blockwise 8-bit quantisation, the generated kernels' and the runtime's eager passes', which a kernel
+#: with 8-bit inputs adds (the intrinsics' header costs a
+#: fraction of a second per compile, so the other kernels go without it). The explicit vector paths are
+#: taken where the compiler targets AVX2 or AVX-512 (a kernel's ``-march=native``); the runtime, built
+#: for any machine of the architecture, compiles the scalar loops once per vector extension instead.
+PACKED_HELPERS = r"""
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+// The vector extension the block helpers use: 2 AVX-512, 1 AVX2, 0 none. A kernel's is its compiler's
+// target; the runtime, built for every machine of the architecture, passes the CPU's.
+#if defined(__AVX512F__)
+#define SO_VECTOR 2
+#elif defined(__AVX2__)
+#define SO_VECTOR 1
+#else
+#define SO_VECTOR 0
 #endif
 
 // The code of v = x / a_b: one load of the lookup table (scratchopt.quantization.lookup_table).
@@ -153,45 +175,41 @@ static inline uint32_t so_magnitude(float x) {
   std::memcpy(&bits, &x, 4);
   return bits & 0x7FFFFFFFu;
 }
-// The table lookups below are written with gathers: the compiler does not vectorise them on machines
-// whose tuning avoids gathers, and a scalar lookup per element costs more than the update.
-// m values of a block from their codes: map[c] * a.
-static inline void so_dequantize_block(const uint8_t* codes, int64_t m, float a, const float* map, float* w) {
-  int64_t e = 0;
-#if defined(__AVX512F__)
+
+// The table lookups are written with gathers, one function per vector extension: the compiler does not
+// vectorise them on machines whose tuning avoids gathers, and a scalar lookup per element costs more
+// than the update. Each returns how many of the m elements it did (a multiple of its width).
+#if defined(__x86_64__)
+// map[c] * a for the codes c.
+__attribute__((target("avx512f"))) static inline int64_t so_values_avx512(const uint8_t* __restrict codes, int64_t m,
+                                                                            float a, const float* __restrict map,
+                                                                            float* __restrict w) {
   const __m512 scale = _mm512_set1_ps(a);
+  int64_t e = 0;
   for (; e + 16 <= m; e += 16) {
     const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + e)));
     _mm512_storeu_ps(w + e, _mm512_mul_ps(_mm512_i32gather_ps(index, map, 4), scale));
   }
-#elif defined(__AVX2__)
+  return e;
+}
+__attribute__((target("avx2"))) static inline int64_t so_values_avx2(const uint8_t* __restrict codes, int64_t m,
+                                                                        float a, const float* __restrict map,
+                                                                        float* __restrict w) {
   const __m256 scale = _mm256_set1_ps(a);
+  int64_t e = 0;
   for (; e + 8 <= m; e += 8) {
     const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(codes + e)));
     _mm256_storeu_ps(w + e, _mm256_mul_ps(_mm256_i32gather_ps(map, index, 4), scale));
   }
-#endif
-  for (; e < m; ++e) w[e] = map[codes[e]] * a;
+  return e;
 }
-// One block's m values quantised into its codes and its maximum's 4 bytes, as
-// scratchopt.quantization.quantize_in_torch defines them, given the largest so_magnitude of the values
-// (the element loop computes it): a block that is not finite gets a NaN maximum and the code of 0.
-static inline void so_quantize_block(const float* w, int64_t m, uint32_t top, uint8_t* codes, uint8_t* maximum,
-                                     const int32_t* table) {
-  const bool finite = top < 0x7F800000u;
-  float a;
-  std::memcpy(&a, &top, 4);
-  if (!finite) a = std::numeric_limits<float>::quiet_NaN();
-  std::memcpy(maximum, &a, 4);
-  if (!finite) {
-    std::memset(codes, so_code(0.0f, table), m);
-    return;
-  }
-  const float d = a > 0.0f ? a : 1.0f;
-  int64_t e = 0;
-#if defined(__AVX512F__)
+// so_code(w / d) for the values w.
+__attribute__((target("avx512f"))) static inline int64_t so_codes_avx512(const float* __restrict w, int64_t m, float d,
+                                                                           uint8_t* __restrict codes,
+                                                                           const int32_t* __restrict table) {
   const __m512 divisor = _mm512_set1_ps(d);
   const __m512i ones = _mm512_set1_epi32(1), bottom = _mm512_set1_epi32(0xFFFF), byte = _mm512_set1_epi32(0xFF);
+  int64_t e = 0;
   for (; e + 16 <= m; e += 16) {
     const __m512i bits = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(w + e), divisor));
     const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
@@ -201,9 +219,14 @@ static inline void so_quantize_block(const float* w, int64_t m, uint32_t top, ui
     const __mmask16 above = _mm512_cmpge_epi32_mask(low, _mm512_srai_epi32(entry, 8));
     _mm_storeu_si128((__m128i*)(codes + e), _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(first, above, first, ones)));
   }
-#elif defined(__AVX2__)
+  return e;
+}
+__attribute__((target("avx2"))) static inline int64_t so_codes_avx2(const float* __restrict w, int64_t m, float d,
+                                                                       uint8_t* __restrict codes,
+                                                                       const int32_t* __restrict table) {
   const __m256 divisor = _mm256_set1_ps(d);
   const __m256i ones = _mm256_set1_epi32(1), bottom = _mm256_set1_epi32(0xFFFF), byte = _mm256_set1_epi32(0xFF);
+  int64_t e = 0;
   for (; e + 8 <= m; e += 8) {
     const __m256i bits = _mm256_castps_si256(_mm256_div_ps(_mm256_loadu_ps(w + e), divisor));
     const __m256i entry = _mm256_i32gather_epi32(table, _mm256_srli_epi32(bits, 16), 4);
@@ -215,6 +238,40 @@ static inline void so_quantize_block(const float* w, int64_t m, uint32_t top, ui
     const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
     _mm_storel_epi64((__m128i*)(codes + e), _mm_packus_epi16(halves, halves));
   }
+  return e;
+}
+#endif
+
+// m values of a block from their codes: map[c] * a.
+static inline void so_dequantize_block(const uint8_t* __restrict codes, int64_t m, float a,
+                                       const float* __restrict map, float* __restrict w, int vector = SO_VECTOR) {
+  int64_t e = 0;
+#if defined(__x86_64__)
+  if (vector == 2) e = so_values_avx512(codes, m, a, map, w);
+  if (vector == 1) e = so_values_avx2(codes, m, a, map, w);
+#endif
+  for (; e < m; ++e) w[e] = map[codes[e]] * a;
+}
+// One block's m values quantised into its codes and its maximum's 4 bytes, as
+// scratchopt.quantization.quantize_in_torch defines them, given the largest so_magnitude of the values
+// (the element loop computes it): a block that is not finite gets a NaN maximum and the code of 0.
+static inline void so_quantize_block(const float* __restrict w, int64_t m, uint32_t top, uint8_t* __restrict codes,
+                                     uint8_t* __restrict maximum, const int32_t* __restrict table,
+                                     int vector = SO_VECTOR) {
+  const bool finite = top < 0x7F800000u;
+  float a;
+  std::memcpy(&a, &top, 4);
+  if (!finite) a = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(maximum, &a, 4);
+  if (!finite) {
+    std::memset(codes, so_code(0.0f, table), m);
+    return;
+  }
+  const float d = a > 0.0f ? a : 1.0f;
+  int64_t e = 0;
+#if defined(__x86_64__)
+  if (vector == 2) e = so_codes_avx512(w, m, d, codes, table);
+  if (vector == 1) e = so_codes_avx2(w, m, d, codes, table);
 #endif
   for (; e < m; ++e) codes[e] = so_code(w[e] / d, table);
 }
@@ -532,7 +589,7 @@ def cpp_source(program: Program, storage: Sequence[Storage] | None = None, slots
       }"""
     else:
         align = ""
-    prelude = _PRELUDE + (_PACKED_PRELUDE if buffered else "")
+    prelude = _PRELUDE + ROUNDING_HELPERS + (PACKED_HELPERS if buffered else "")
     return f"""{prelude}
 extern "C" void scratchopt_kernel(int64_t n, const int64_t* numels, void* const* ptrs, const double* tapes,
                                   int64_t tape_stride, int64_t threads, int64_t seed, const void* constants) {{

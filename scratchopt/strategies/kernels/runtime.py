@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from scratchopt import quantization
+from scratchopt.strategies.kernels import native
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -33,6 +34,7 @@ _SOURCE = r"""
 #include <torch/csrc/autograd/python_variable.h>
 #include <thread>
 #include <vector>
+SO_SHARED_HELPERS
 
 namespace py = pybind11;
 
@@ -359,36 +361,17 @@ static void split(int64_t n, int64_t grain, const F& f) {
 }
 
 // value (float32) rounded to bfloat16 stochastically into out (bfloat16), both contiguous, as
-// scratchopt.precision.round_stochastically computes it: 16 random bits per element, entry
-// (o + i) mod 2^16 of the permutation `noise` (given twice over) for element i of block b = i >> 16, where
-// o is the top half of the lowbias32 hash of b·φ + seed (mod 2^32), added to the low half of the bit
-// pattern, then dropped.
-static inline uint32_t block_start(uint32_t s, int64_t block) {
-  uint32_t x = static_cast<uint32_t>(block) * 0x9E3779B1u + s;
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  x ^= x >> 15;
-  return x >> 16;
-}
-
-// One range of elements; compiled for AVX-512 and AVX2 besides the baseline, the CPU's chosen when the
-// module loads.
+// scratchopt.precision.round_stochastically computes it (so_round of the shared helpers). One range of
+// elements; compiled for AVX-512 and AVX2 besides the baseline, the CPU's chosen when the module loads.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void round_range(const uint32_t* __restrict in, uint16_t* __restrict result, int64_t begin, int64_t end,
+static void round_range(const float* __restrict in, uint16_t* __restrict result, int64_t begin, int64_t end,
                         int64_t offset, uint32_t s, const uint16_t* __restrict noise) {
   for (int64_t b0 = begin; b0 < end;) {
     const int64_t block = (b0 + offset) >> 16;
     const int64_t base = (block << 16) - offset;  // local index of the block's first element
     const int64_t b1 = std::min(end, base + 65536);
-    const uint16_t* window = noise + block_start(s, block);
-    for (int64_t i = b0; i < b1; ++i) {
-      const uint32_t bits = in[i];
-      const uint32_t rounded = (bits + window[i - base]) >> 16;
-      const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-      result[i] = static_cast<uint16_t>(nan ? ((bits >> 16) | 0x40u) : rounded);
-    }
+    const uint16_t* window = noise + so_block_start(s, block);
+    for (int64_t i = b0; i < b1; ++i) result[i] = so_round(in[i], window[i - base]);
     b0 = b1;
   }
 }
@@ -398,7 +381,7 @@ static void round_stochastically(const at::Tensor& value, at::Tensor& out, int64
   TORCH_CHECK(value.scalar_type() == at::kFloat && out.scalar_type() == at::kBFloat16, "float32 to bfloat16");
   TORCH_CHECK(value.is_contiguous() && out.is_contiguous() && value.numel() == out.numel(), "contiguous, same size");
   TORCH_CHECK(noise.scalar_type() == at::kShort && noise.is_contiguous() && noise.numel() == 2 * 65536, "the noise table");
-  const uint32_t* in = reinterpret_cast<const uint32_t*>(value.data_ptr<float>());
+  const float* in = value.data_ptr<float>();
   uint16_t* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const uint16_t* table = reinterpret_cast<const uint16_t*>(noise.data_ptr<int16_t>());
   const uint32_t s = static_cast<uint32_t>(seed);
@@ -408,39 +391,36 @@ static void round_stochastically(const at::Tensor& value, at::Tensor& out, int64
   if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
 }
 
-// The codes of one block's elements, divided by d, one table load each (scratchopt.quantization.lookup_table);
-// vectorised (with gathers) for AVX2 and AVX-512.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void code_range(const float* __restrict x, uint8_t* __restrict codes, int64_t lo, int64_t hi, float d,
-                       const int32_t* __restrict table) {
-  for (int64_t i = lo; i < hi; ++i) {
-    const float v = x[i] / d;
-    uint32_t bits;
-    std::memcpy(&bits, &v, 4);
-    const int32_t entry = table[bits >> 16];
-    const int32_t low = (int32_t)(bits & 0xFFFFu) ^ ((int32_t)(bits >> 31) * 0xFFFF);
-    codes[i] = static_cast<uint8_t>((entry & 0xFF) + (low >= (entry >> 8) ? 1 : 0));
-  }
+// The vector extension of this CPU the shared quantiser's block helpers use (see SO_VECTOR).
+static int cpu_vector() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f")) return 2;
+  if (__builtin_cpu_supports("avx2")) return 1;
+#endif
+  return 0;
 }
+static const int so_cpu_vector = cpu_vector();
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void value_range(const uint8_t* __restrict codes, float* __restrict y, int64_t lo, int64_t hi, float a,
-                        const float* __restrict table) {
-  for (int64_t i = lo; i < hi; ++i) y[i] = table[codes[i]] * a;
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static uint32_t block_absmax_bits(const uint32_t* __restrict x, int64_t lo, int64_t hi) {
+static uint32_t block_magnitude(const float* __restrict x, int64_t m) {
   uint32_t top = 0;
-  for (int64_t i = lo; i < hi; ++i) top = std::max(top, x[i] & 0x7FFFFFFFu);
+  for (int64_t e = 0; e < m; ++e) top = std::max(top, so_magnitude(x[e]));
   return top;
 }
 
 // Blockwise 8-bit quantisation (scratchopt.quantization): the codes of `values` (float32, n) into
 // `codes` (uint8, n) and each block's absolute maximum into `maxima` (the bytes of a float32 per block of
 // 256), as quantize_in_torch defines them.
+// `vector`: the block helpers' vector extension (SO_VECTOR's values), -1 for the CPU's; no more than
+// the CPU has.
+static int vector_level(int64_t vector) {
+  TORCH_CHECK(vector <= so_cpu_vector, "this CPU has no vector extension ", vector);
+  return vector < 0 ? so_cpu_vector : static_cast<int>(vector);
+}
+
 static void quantize_blockwise(const at::Tensor& values, at::Tensor& codes_out, at::Tensor& maxima_out,
-                               const at::Tensor& lookup) {
+                               const at::Tensor& lookup, int64_t vector) {
+  const int level = vector_level(vector);
   const int64_t n = values.numel(), blocks = (n + 255) / 256;
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "float32 contiguous values");
   TORCH_CHECK(codes_out.scalar_type() == at::kByte && codes_out.is_contiguous() && codes_out.numel() == n, "codes");
@@ -451,24 +431,10 @@ static void quantize_blockwise(const at::Tensor& values, at::Tensor& codes_out, 
   uint8_t* codes = codes_out.data_ptr<uint8_t>();
   uint8_t* maxima = maxima_out.data_ptr<uint8_t>();
   const int32_t* table = lookup.data_ptr<int32_t>();
-  uint8_t zero;
-  const float nothing = 0.0f;
-  code_range(&nothing, &zero, 0, 1, 1.0f, table);
   split(blocks, 128, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t lo = b * 256, hi = std::min(n, lo + 256);
-      // |x| ordered as its bit pattern: an integer maximum, which vectorises; NaN and inf lie above.
-      const uint32_t top = block_absmax_bits(reinterpret_cast<const uint32_t*>(x), lo, hi);
-      const bool finite = top < 0x7F800000u;
-      float a;
-      std::memcpy(&a, &top, 4);
-      if (!finite) a = std::numeric_limits<float>::quiet_NaN();
-      std::memcpy(maxima + 4 * b, &a, 4);
-      if (!finite) {
-        std::memset(codes + lo, zero, hi - lo);
-        continue;
-      }
-      code_range(x, codes, lo, hi, a > 0.0f ? a : 1.0f, table);
+      so_quantize_block(x + lo, hi - lo, block_magnitude(x + lo, hi - lo), codes + lo, maxima + 4 * b, table, level);
     }
   });
   if (!codes_out.is_inference()) codes_out.unsafeGetTensorImpl()->bump_version();
@@ -476,7 +442,8 @@ static void quantize_blockwise(const at::Tensor& values, at::Tensor& codes_out, 
 
 // The float32 values of codes and their blocks' maxima: map[c_i] * a_b.
 static void dequantize_blockwise(const at::Tensor& codes_in, const at::Tensor& maxima_in, at::Tensor& out,
-                                 const at::Tensor& map) {
+                                 const at::Tensor& map, int64_t vector) {
+  const int level = vector_level(vector);
   const int64_t n = out.numel(), blocks = (n + 255) / 256;
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "float32 contiguous output");
   TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.is_contiguous() && codes_in.numel() == n, "codes");
@@ -492,7 +459,7 @@ static void dequantize_blockwise(const at::Tensor& codes_in, const at::Tensor& m
       float a;
       std::memcpy(&a, maxima + 4 * b, 4);
       const int64_t lo = b * 256, hi = std::min(n, lo + 256);
-      value_range(codes, y, lo, hi, a, table);
+      so_dequantize_block(codes + lo, hi - lo, a, table, y + lo, level);
     }
   });
   if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
@@ -517,12 +484,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("first_mismatch", &first_mismatch);
   m.def("scalars", &scalars);
   m.def("round_stochastically", &round_stochastically);
-  m.def("quantize_blockwise", &quantize_blockwise);
-  m.def("dequantize_blockwise", &dequantize_blockwise);
+  m.def("quantize_blockwise", &quantize_blockwise, py::arg("values"), py::arg("codes"), py::arg("maxima"),
+        py::arg("lookup"), py::arg("vector") = -1);
+  m.def("dequantize_blockwise", &dequantize_blockwise, py::arg("codes"), py::arg("maxima"), py::arg("out"),
+        py::arg("map"), py::arg("vector") = -1);
+  m.def("cpu_vector", [] { return so_cpu_vector; });
 }
 """
 
-_SOURCE = _SOURCE.replace("SO_MIN_NUMEL", str(quantization.MIN_NUMEL))
+_SOURCE = _SOURCE.replace("SO_MIN_NUMEL", str(quantization.MIN_NUMEL)).replace(
+    "SO_SHARED_HELPERS", native.ROUNDING_HELPERS + native.PACKED_HELPERS
+)
 
 _module: Any = None
 _state = "new"  # new → building → ready | failed
