@@ -313,13 +313,19 @@ def test_the_reference_package_column_builds_each_algorithms_declared_reference(
 
 def test_low_precision_state_is_held_to_its_goals() -> None:
     """bf16 and 8-bit state: step time against ours fused, bytes per parameter, 8-bit against
-    bitsandbytes, each met or missed from the row's numbers; at 100M params 8-bit's peak RSS growth
+    bitsandbytes and torchao, each met or missed from the row's numbers; at 100M params 8-bit's peak RSS growth
     against torch fused's."""
     from scratchopt.tools.bench.run import Row
 
     built = Row("gpt", "AdamW", columns.DEFAULT_MODE, 5_000_000, 77)
     built.step_ms.update(
-        {"ours fused": 10.0, "ours bf16 state": 8.0, "ours 8-bit state": 9.0, "bitsandbytes 8-bit": 270.0}
+        {
+            "ours fused": 10.0,
+            "ours bf16 state": 8.0,
+            "ours 8-bit state": 9.0,
+            "bitsandbytes 8-bit": 270.0,
+            "torchao 8-bit": 90.0,
+        }
     )
     built.state_B_per_param.update({"ours bf16 state": 4.0, "ours 8-bit state": 2.2})
     goals = {g["compares"]: g for g in targets.targets([built], {"gpt": {"description": "GPT-like"}}, [])}
@@ -329,6 +335,8 @@ def test_low_precision_state_is_held_to_its_goals() -> None:
     assert not goals["ours 8-bit state: state bytes per parameter"]["met"]  # 2.2 > 2.1
     assert goals["ours 8-bit state vs bitsandbytes 8-bit"]["measured"] == pytest.approx(30.0)
     assert goals["ours 8-bit state vs bitsandbytes 8-bit"]["met"]
+    assert goals["ours 8-bit state vs torchao 8-bit"]["measured"] == pytest.approx(10.0)
+    assert not goals["ours 8-bit state vs torchao 8-bit"]["met"]  # 10× < 15×
     resident = [
         {
             "workload": rss.WIDE,
@@ -341,3 +349,56 @@ def test_low_precision_state_is_held_to_its_goals() -> None:
     ]
     (goal,) = targets.targets([], {}, [], resident)
     assert goal["measured"] == pytest.approx(450.0) and not goal["met"] and "450 MB less" in goal["verdict"]
+
+
+class _WrappedState(torch.Tensor):
+    """A tensor subclass holding its bytes in other tensors, as torchao's 8-bit state does."""
+
+    @staticmethod
+    def __new__(cls, codes: torch.Tensor, scale: torch.Tensor) -> _WrappedState:
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32)  # type: ignore[attr-defined]
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.codes, self.scale = codes, scale
+
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["codes", "scale"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise NotImplementedError(f"{func} on wrapped state")
+
+
+def test_state_bytes_count_the_tensors_a_subclass_wraps() -> None:
+    """A peer's state kept in a tensor subclass (torchao's 8-bit) is counted by the tensors it
+    flattens into (1 byte per code and 4 per block of 256), not by the float32 shape it shows."""
+    from scratchopt.tools.bench.memory import state_bytes_per_param
+
+    param = torch.zeros(4096, requires_grad=True)
+    optimizer = torch.optim.SGD([param])
+    optimizer.state[param] = {
+        "exp_avg": _WrappedState(torch.zeros(4096, dtype=torch.uint8), torch.zeros(16)),
+        "step": torch.tensor(1.0),
+    }
+    assert state_bytes_per_param(optimizer) == pytest.approx((4096 + 64 + 4) / 4096)
+    optimizer.state[param]["exp_avg"] = torch.zeros(4096)
+    assert state_bytes_per_param(optimizer) == pytest.approx((4 * 4096 + 4) / 4096)
+
+
+def test_the_8bit_peer_columns_build_the_peers_optimizer_with_the_rows_arguments() -> None:
+    """bitsandbytes' AdamW8bit (where installed) with the row's lr, betas, eps and weight decay; an
+    algorithm a peer lacks, or a peer that is not installed, is refused by name."""
+    import importlib.util
+
+    rows, _ = columns.algorithm_rows()
+    model = torch.nn.Linear(128, 64)
+    for column in (columns.BITSANDBYTES, columns.TORCHAO):
+        with pytest.raises(ValueError, match="no 8-bit SGD"):
+            columns.build_optimizer(column, rows["SGD"], model)
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(ValueError, match="torchao is not installed"):
+            columns.build_optimizer(columns.TORCHAO, rows["AdamW"], model)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        built = columns.build_optimizer(columns.BITSANDBYTES, rows["AdamW"], model)
+        assert type(built).__name__ == "AdamW8bit"
+        assert built.defaults["lr"] == rows["AdamW"].kwargs["lr"] and built.defaults["weight_decay"] == 1e-2

@@ -72,7 +72,11 @@ REFERENCE = "reference package"
 #: bitsandbytes' 8-bit blockwise optimizers (its CPU path), where it is installed, for the algorithms it has.
 BITSANDBYTES = "bitsandbytes 8-bit"
 _BITSANDBYTES_CLASSES = {"Adam": "Adam8bit", "AdamW": "AdamW8bit", "Lion": "Lion8bit"}
-PEER_COLUMNS = (DEEPSPEED, REFERENCE, BITSANDBYTES)
+#: torchao's 8-bit blockwise Adam and AdamW (``torchao.optim``, a step compiled by ``torch.compile``),
+#: where it is installed (``pip install torchao``).
+TORCHAO = "torchao 8-bit"
+_TORCHAO_CLASSES = {"Adam": "Adam8bit", "AdamW": "AdamW8bit"}
+PEER_COLUMNS = (DEEPSPEED, REFERENCE, BITSANDBYTES, TORCHAO)
 #: Ours fused with the state kept in bfloat16 and in blockwise 8-bit (:mod:`scratchopt.precision`), for
 #: elementwise algorithms.
 OURS_BF16_STATE = "ours bf16 state"
@@ -91,6 +95,7 @@ def preset_columns(preset: Preset) -> list[str]:
         DEEPSPEED: importlib.util.find_spec("deepspeed") is not None,
         REFERENCE: True,
         BITSANDBYTES: importlib.util.find_spec("bitsandbytes") is not None,
+        TORCHAO: importlib.util.find_spec("torchao") is not None,
     }
     return [
         column
@@ -155,6 +160,8 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
         return twin(model.parameters(), **row.kwargs, **TORCH_FLAGS[column])
     if column == BITSANDBYTES:
         return _bitsandbytes(row, model)
+    if column == TORCHAO:
+        return _torchao(row, model)
     if column in _STATE_DTYPES:
         if not row.cls.elementwise:
             raise ValueError(f"{row.cls.__name__} is not elementwise: its state stays in the params' dtype")
@@ -168,17 +175,31 @@ def build_optimizer(column: str, row: AlgorithmRow, model: nn.Module) -> torch.o
 def _bitsandbytes(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
     """bitsandbytes' 8-bit optimizer of the row's algorithm (block size 256, tensors from 4096 elements
     quantised, as ours), with the row's arguments."""
-    name = _BITSANDBYTES_CLASSES.get(row.cls.__name__)
-    if name is None or row.kwargs.get("amsgrad"):
-        raise ValueError(f"bitsandbytes has no 8-bit {row.cls.__name__} here")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("bitsandbytes is not installed (pip install bitsandbytes)")
-    import bitsandbytes  # type: ignore[import-not-found, unused-ignore]
+    return _eight_bit_peer(row, model, "bitsandbytes", "bitsandbytes.optim", _BITSANDBYTES_CLASSES, min_8bit_size=4096)
 
+
+def _torchao(row: AlgorithmRow, model: nn.Module) -> torch.optim.Optimizer:
+    """torchao's 8-bit optimizer of the row's algorithm (block size 256, as ours; it quantises tensors of
+    4096 elements or more whose size is a multiple of the block), with the row's arguments."""
+    return _eight_bit_peer(row, model, "torchao", "torchao.optim", _TORCHAO_CLASSES, block_size=256)
+
+
+def _eight_bit_peer(
+    row: AlgorithmRow, model: nn.Module, package: str, module: str, classes: dict[str, str], **settings: Any
+) -> torch.optim.Optimizer:
+    """A peer package's 8-bit optimizer (``classes``: its class of each of our algorithms, in ``module``)
+    with the row's lr, betas, eps and weight decay, and the peer's own ``settings``."""
+    name = classes.get(row.cls.__name__)
+    if name is None or row.kwargs.get("amsgrad"):
+        raise ValueError(f"{package} has no 8-bit {row.cls.__name__} here")
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"{package} is not installed (pip install {package})")
     defaults = {n: p.default for n, p in inspect.signature(row.cls).parameters.items()}
     arguments = {**defaults, **row.kwargs}
     kept = {k: arguments[k] for k in ("lr", "betas", "eps", "weight_decay") if k in arguments}
-    optimizer: torch.optim.Optimizer = getattr(bitsandbytes.optim, name)(model.parameters(), **kept, min_8bit_size=4096)
+    optimizer: torch.optim.Optimizer = getattr(importlib.import_module(module), name)(
+        model.parameters(), **kept, **settings
+    )
     return optimizer
 
 

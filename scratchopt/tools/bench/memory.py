@@ -26,12 +26,25 @@ def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
         for p in group["params"]:
             numel += p.numel()
             for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, Tensor):
-                    key = (value.untyped_storage().data_ptr(), value.device)
+                for tensor in _storage_tensors(value):
+                    key = (tensor.untyped_storage().data_ptr(), tensor.device)
                     if key not in seen:
                         seen.add(key)
-                        total += value.untyped_storage().nbytes()
+                        total += tensor.untyped_storage().nbytes()
     return total / numel if numel else 0.0
+
+
+def _storage_tensors(value: Any) -> list[Tensor]:
+    """The tensors holding a state value's bytes: the value, or for a tensor subclass that wraps others
+    (torchao's 8-bit state: codes, scales and map) the tensors it flattens into, as torch's subclass
+    protocol (``__tensor_flatten__``) names them."""
+    if not isinstance(value, Tensor):
+        return []
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if flatten is None:
+        return [value]
+    names, _ = flatten()
+    return [tensor for name in names for tensor in _storage_tensors(getattr(value, name))]
 
 
 @contextmanager
