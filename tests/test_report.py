@@ -213,7 +213,14 @@ def test_low_precision_runs_are_judged_against_their_own_algorithms_float32_spre
         *(run("Lion", "float32 state", loss) for loss in (2.0, 2.1)),
         *(run("Lion", "8-bit state", loss) for loss in (1.1, 1.15)),  # within AdamW's spread, not Lion's
     ]
-    rows = {(r["algorithm"], r["setting"]): r for r in low_precision.summarize(runs)}
-    assert rows[("AdamW", "8-bit state")]["within_float32_spread"]
-    assert not rows[("Lion", "8-bit state")]["within_float32_spread"]
-    assert rows[("Lion", "float32 state")]["mean"] == pytest.approx(2.05)
+    # The same algorithm on the other model is judged against its float32 runs on that model.
+    digits = [{**run("AdamW", "float32 state", loss), "model": low_precision.DIGITS} for loss in (0.10, 0.12)] + [
+        {**run("AdamW", "8-bit state", 1.1), "model": low_precision.DIGITS}
+    ]
+    rows = {(r["model"], r["algorithm"], r["setting"]): r for r in low_precision.summarize(runs + digits)}
+    gpt = low_precision.GPT
+    assert rows[(gpt, "AdamW", "8-bit state")]["within_float32_spread"]
+    assert not rows[(gpt, "Lion", "8-bit state")]["within_float32_spread"]
+    assert rows[(gpt, "Lion", "float32 state")]["mean"] == pytest.approx(2.05)
+    assert not rows[(low_precision.DIGITS, "AdamW", "8-bit state")]["within_float32_spread"]
+    assert rows[(low_precision.DIGITS, "AdamW", "float32 state")]["mean"] == pytest.approx(0.11)

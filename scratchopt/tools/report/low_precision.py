@@ -1,13 +1,17 @@
 """Section 5: optimizers with low-precision state (:mod:`scratchopt.precision`) beside the same optimizers
-with float32 state, training the GPT-like model of section 4 from several seeds.
+with float32 state, from several seeds, on two models.
 
-Each of :data:`TRAINED` (AdamW, and Lion, whose sign update reads its one moment differently), at its
-learning rate of section 4, trains the same model in each setting (float32 state, bfloat16 state,
-blockwise 8-bit state) from the same :data:`SEEDS`: a seed fixes the initial weights and the order of the
-batches, so that the spread of an algorithm's float32 runs is the seed-to-seed variation its
-low-precision runs are judged against. The held-out loss of a low-precision setting "lies within the
-spread" when its mean over the seeds lies between the lowest and the highest float32 run of the same
-algorithm. The state's bytes per parameter are counted from the optimizer's tensors.
+* The GPT-like model of section 4: each of :data:`TRAINED` (AdamW, and Lion, whose sign update reads its
+  one moment differently), at its learning rate of section 4.
+* A digits MLP, section 3's data with a hidden layer wide enough (8,192 weights) for 8-bit state: every
+  elementwise algorithm that keeps state, with section 3's settings (:func:`digits_pairings`).
+
+Each algorithm trains the same model in each setting (float32 state, bfloat16 state, blockwise 8-bit
+state) from the same :data:`SEEDS`: a seed fixes the initial weights and the order of the batches, so
+that the spread of an algorithm's float32 runs is the seed-to-seed variation its low-precision runs are
+judged against. The held-out loss of a low-precision setting "lies within the spread" when its mean over
+the seeds lies between the lowest and the highest float32 run of the same algorithm on the same model.
+The state's bytes per parameter are counted from the optimizer's tensors.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch import Tensor, nn
 
 from scratchopt.algorithms import ALGORITHMS
 from scratchopt.tools import catalog
 from scratchopt.tools.presets import Preset
-from scratchopt.tools.report import beyond_adamw
+from scratchopt.tools.report import beyond_adamw, torch_parity
 from scratchopt.tools.report import html as h
 from scratchopt.tools.report.plotting import FigureWriter, new_figure, styled
 from scratchopt.tools.workloads import TinyGPT
@@ -40,6 +45,74 @@ SEEDS = (1, 2, 3)
 #: The algorithms trained in every setting.
 TRAINED = ("AdamW", "Lion")
 COLORS = {"float32 state": "#000000", "bfloat16 state": "#1f77b4", "8-bit state": "#d62728"}
+GPT = "TinyGPT"
+DIGITS = "digits MLP"
+DIGITS_BATCH = 64
+#: Panels per row of the digits figure.
+DIGITS_COLUMNS = 4
+
+
+def digits_mlp() -> nn.Sequential:
+    """64 → 128 → 10: the hidden layer's 8,192 weights keep 8-bit state; the 1,280 of the last layer and
+    the biases stay float32 (below 4096 elements)."""
+    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+
+
+def digits_pairings() -> list[torch_parity.Pairing]:
+    """Section 3's algorithms and settings that are elementwise and keep state tensors (plain SGD keeps
+    none, so its state has no precision)."""
+    chosen = []
+    for pairing in torch_parity.pairings()[0]:
+        if not pairing.cls.elementwise:
+            continue
+        model = digits_mlp()
+        optimizer = catalog.construct(pairing.cls, model.parameters(), **pairing.kwargs)
+        nn.functional.cross_entropy(model(torch.zeros(2, 64)), torch.zeros(2, dtype=torch.long)).backward()
+        optimizer.step()
+        if any(isinstance(v, Tensor) and v.dim() > 0 for state in optimizer.state.values() for v in state.values()):
+            chosen.append(pairing)
+    return chosen
+
+
+def _cross_entropy(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(model(inputs), targets)
+
+
+def train_digits(
+    pairing: torch_parity.Pairing,
+    label: str,
+    state_dtype: Any,
+    seed: int,
+    steps: int,
+    data: tuple[Tensor, ...],
+) -> dict[str, Any]:
+    train_x, train_y, test_x, test_y = data
+    generator = torch.Generator().manual_seed(1000 + seed)
+    batches: list[Tensor] = []
+    while len(batches) < steps:
+        batches += list(torch.randperm(len(train_y), generator=generator).split(DIGITS_BATCH))
+    torch.manual_seed(seed)
+    model = digits_mlp()
+    kwargs = {**pairing.kwargs, "impl": "fused", "state_dtype": state_dtype}
+    optimizer = catalog.construct(pairing.cls, model.parameters(), **kwargs)
+    losses = []
+    started = time.perf_counter()
+    for batch in batches[:steps]:
+        loss = functools.partial(_cross_entropy, model, train_x[batch], train_y[batch])
+        losses.append(catalog.training_step(optimizer, loss, closure=False))
+    seconds = time.perf_counter() - started
+    catalog.evaluation_mode(optimizer)
+    held_out, _ = torch_parity.evaluate(model, test_x, test_y)
+    return {
+        "model": DIGITS,
+        "algorithm": pairing.label,
+        "setting": label,
+        "seed": seed,
+        "losses": [beyond_adamw._finite(loss) for loss in losses],
+        "held_out_loss": beyond_adamw._finite(held_out),
+        "state_bytes_per_param": state_bytes_per_param(optimizer, sum(p.numel() for p in model.parameters())),
+        "seconds": seconds,
+    }
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer, params: int) -> float:
@@ -71,6 +144,7 @@ def train(
     seconds = time.perf_counter() - started
     params = sum(p.numel() for p in model.parameters())
     return {
+        "model": GPT,
         "algorithm": algorithm,
         "setting": label,
         "seed": seed,
@@ -94,7 +168,16 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         for label, state_dtype in bar(SETTINGS, desc=f"low-precision state: {algorithm}")
         for seed in SEEDS
     ]
+    data = torch_parity.digits_split()
+    pairings = digits_pairings()
+    digits_runs = [
+        train_digits(pairing, label, state_dtype, seed, preset.precision_curve_steps, data)
+        for pairing in bar(pairings, desc="low-precision state: digits MLP")
+        for label, state_dtype in SETTINGS
+        for seed in SEEDS
+    ]
     summary = summarize(runs)
+    digits_summary = summarize(digits_runs)
     return {
         "model": (
             f"TinyGPT: {beyond_adamw.MODEL['layers']} layers, width {beyond_adamw.MODEL['width']}, vocabulary "
@@ -107,22 +190,34 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         "source_entropy": beyond_adamw.source_entropy(transitions),
         "runs": runs,
         "summary": summary,
-        "figures": {"curves": figures.save(plot_curves(runs), "low_precision")},
+        "digits": {
+            "model": "MLP 64 → 128 → 10 (tanh) on section 3's digits, mini-batches of "
+            f"{DIGITS_BATCH}, held-out loss: cross-entropy on the test split",
+            "params": sum(p.numel() for p in digits_mlp().parameters()),
+            "runs": digits_runs,
+            "summary": digits_summary,
+            "settings": {p.label: p.settings_text() for p in pairings},
+        },
+        "figures": {
+            "curves": figures.save(plot_curves(runs), "low_precision"),
+            "digits": figures.save(plot_curves(digits_runs, DIGITS_COLUMNS, (5, 3.8)), "low_precision_digits"),
+        },
         "seed_comparisons": [],
     }
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per algorithm and setting: the held-out losses over the seeds, their mean, the state's bytes, and
-    whether the mean lies within the spread of the algorithm's float32 runs."""
-    by_setting: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """Per model, algorithm and setting: the held-out losses over the seeds, their mean, the state's
+    bytes, and whether the mean lies within the spread of the algorithm's float32 runs on that model."""
+    by_setting: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for result in runs:
-        by_setting.setdefault((result["algorithm"], result["setting"]), []).append(result)
+        key = (result.get("model", GPT), result["algorithm"], result["setting"])
+        by_setting.setdefault(key, []).append(result)
     rows = []
-    for (algorithm, label), results in by_setting.items():
+    for (model, algorithm, label), results in by_setting.items():
         reference = [
             r["held_out_loss"]
-            for r in by_setting.get((algorithm, SETTINGS[0][0]), [])
+            for r in by_setting.get((model, algorithm, SETTINGS[0][0]), [])
             if r["held_out_loss"] is not None
         ]
         low, high = (min(reference), max(reference)) if reference else (float("nan"), float("nan"))
@@ -131,6 +226,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean = float(np.mean(finite)) if len(finite) == len(losses) and finite else None
         rows.append(
             {
+                "model": model,
                 "algorithm": algorithm,
                 "setting": label,
                 "held_out_losses": losses,
@@ -144,10 +240,19 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @styled
-def plot_curves(runs: list[dict[str, Any]]) -> Figure:
+def plot_curves(
+    runs: list[dict[str, Any]], columns: int | None = None, panel: tuple[float, float] = (7, 5.2)
+) -> Figure:
+    """One panel per algorithm (in rows of ``columns``; all in one row by default), each ``panel``
+    inches."""
     algorithms = list(dict.fromkeys(r["algorithm"] for r in runs))
-    figure, panels = new_figure(7 * len(algorithms), 5.2, ncols=len(algorithms))
-    for axes, algorithm in zip(np.atleast_1d(panels), algorithms, strict=True):
+    ncols = min(columns or len(algorithms), len(algorithms))
+    nrows = -(-len(algorithms) // ncols)
+    figure, panels = new_figure(panel[0] * ncols, panel[1] * nrows, ncols=ncols, nrows=nrows)
+    every = list(np.atleast_1d(panels).flat)
+    for axes in every[len(algorithms) :]:
+        axes.set_visible(False)
+    for axes, algorithm in zip(every, algorithms, strict=False):
         for label, _ in SETTINGS:
             curves = [
                 beyond_adamw._smoothed(r["losses"])
@@ -166,25 +271,13 @@ def plot_curves(runs: list[dict[str, Any]]) -> Figure:
             )
         axes.set_xlabel("step")
         axes.set_ylabel(f"training loss, mean of the last {beyond_adamw.SMOOTHING_WINDOW} steps")
-        axes.set_title(f"{algorithm}'s state in float32, bfloat16 and 8-bit")
-        axes.legend(loc="upper right", fontsize=10)
+        axes.set_title(algorithm if columns else f"{algorithm}'s state in float32, bfloat16 and 8-bit")
+        if axes is every[0] or not columns:
+            axes.legend(loc="upper right", fontsize=10)
     return figure
 
 
-def render(results: dict[str, Any]) -> str:
-    seeds = ", ".join(str(s) for s in results["seeds"])
-    rates = ", ".join(f"{name} lr {lr:g}" for name, lr in results["learning_rates"].items())
-    parts = [
-        (
-            f'<p>{rates} (section 4\'s learning rates, <code>impl="fused"</code>) on {h.esc(results["model"])} '
-            f"({results['params']:,} parameters), {results['steps']:,} steps, the text of section 4, with the state "
-            "kept in float32, in bfloat16 (rounded stochastically) and in blockwise 8-bit (the dynamic map, a "
-            f"maximum per 256 elements; tensors below 4096 elements stay float32). Each setting runs from the seeds "
-            f"{seeds}, which fix the initial weights and the batch order: an algorithm's float32 runs' spread is the "
-            "seed-to-seed variation its low-precision runs are judged against. The digits MLP of section 3 is "
-            "not repeated here: its layers have fewer than 4096 elements, so 8-bit state leaves it float32.</p>"
-        )
-    ]
+def _table(summary: list[dict[str, Any]]) -> str:
     rows = [
         [
             h.esc(row["algorithm"]),
@@ -195,28 +288,63 @@ def render(results: dict[str, Any]) -> str:
             h.fixed(row["state_bytes_per_param"], 2),
             h.fixed(row["seconds"], 1),
         ]
-        for row in results["summary"]
+        for row in summary
     ]
-    parts.append(
-        h.table(
-            [
-                "algorithm",
-                "state",
-                "held-out loss per seed",
-                "mean",
-                "mean within float32's spread",
-                "state bytes / param",
-                "seconds per run",
-            ],
-            rows,
-            numeric=(3, 5, 6),
-        )
+    return h.table(
+        [
+            "algorithm",
+            "state",
+            "held-out loss per seed",
+            "mean",
+            "mean within float32's spread",
+            "state bytes / param",
+            "seconds per run",
+        ],
+        rows,
+        numeric=(3, 5, 6),
     )
-    parts.append(
-        h.figure(
-            results["figures"]["curves"],
-            "Training loss with the state in float32 (black), bfloat16 (blue) and 8-bit (red): the mean over "
-            "the seeds and their range, per algorithm.",
-        )
-    )
+
+
+def _within(summary: list[dict[str, Any]]) -> str:
+    """How many low-precision settings lie within their float32 spread, of how many."""
+    low = [row for row in summary if row["setting"] != SETTINGS[0][0]]
+    return f"{sum(row['within_float32_spread'] for row in low)} of {len(low)}"
+
+
+def render(results: dict[str, Any]) -> str:
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    rates = ", ".join(f"{name} lr {lr:g}" for name, lr in results["learning_rates"].items())
+    digits = results["digits"]
+    parts = [
+        (
+            f"<p>Each setting keeps the state in float32, in bfloat16 (rounded stochastically) or in blockwise "
+            "8-bit (the dynamic map, a maximum per 256 elements; tensors below 4096 elements stay float32), with "
+            f'<code>impl="fused"</code>, from the seeds {seeds}, which fix the initial weights and the batch '
+            "order: an algorithm's float32 runs' spread is the seed-to-seed variation its low-precision runs are "
+            "judged against.</p>"
+        ),
+        (
+            f"<h3>GPT-like model</h3><p>{rates} (section 4's learning rates) on {h.esc(results['model'])} "
+            f"({results['params']:,} parameters), {results['steps']:,} steps, the text of section 4. Within "
+            f"the float32 spread: {_within(results['summary'])}.</p>"
+        ),
+        _table(results["summary"]),
+        _curves_figure(results["figures"]["curves"], ""),
+        (
+            f"<h3>Every elementwise algorithm on digits</h3><p>{h.esc(digits['model'])} "
+            f"({digits['params']:,} parameters), {results['steps']:,} steps, each algorithm with section 3's "
+            "settings (plain SGD keeps no state, so it has no precision to set). Within the float32 spread: "
+            f"{_within(digits['summary'])}.</p>"
+        ),
+        _table(digits["summary"]),
+        _curves_figure(results["figures"]["digits"], " on digits"),
+    ]
     return "\n".join(parts)
+
+
+def _curves_figure(path: str, where: str) -> str:
+    return h.figure(
+        path,
+        f"Training loss{where} with the state in float32 (black), bfloat16 (blue) and 8-bit (red): the mean "
+        "over the seeds and their range, per algorithm.",
+    )

@@ -55,10 +55,10 @@ def styled(plot: Plot) -> Plot:
     return wrapper  # type: ignore[return-value]
 
 
-def new_figure(width: float = 7.5, height: float = 4.5, ncols: int = 1) -> tuple[Figure, Any]:
-    """A figure with ``ncols`` axes side by side, laid out so nothing is clipped (call it when styled)."""
+def new_figure(width: float = 7.5, height: float = 4.5, ncols: int = 1, nrows: int = 1) -> tuple[Figure, Any]:
+    """A figure with ``nrows`` × ``ncols`` axes, laid out so nothing is clipped (call it when styled)."""
     figure = Figure(figsize=(width, height), layout="constrained")
-    return figure, figure.subplots(1, ncols)
+    return figure, figure.subplots(nrows, ncols)
 
 
 class FigureWriter:
