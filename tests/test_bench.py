@@ -402,3 +402,31 @@ def test_the_8bit_peer_columns_build_the_peers_optimizer_with_the_rows_arguments
         built = columns.build_optimizer(columns.BITSANDBYTES, rows["AdamW"], model)
         assert type(built).__name__ == "AdamW8bit"
         assert built.defaults["lr"] == rows["AdamW"].kwargs["lr"] and built.defaults["weight_decay"] == 1e-2
+
+
+def test_the_100m_resident_memory_is_the_median_of_interleaved_fresh_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 100M model's peak-RSS growth, which the memory goals compare, is measured REPEATS times per
+    column, the columns interleaved, and its median kept beside every run; other workloads once."""
+    from scratchopt.tools.bench import run as bench_run
+    from scratchopt.tools.bench.run import Row
+
+    calls: list[tuple[str, str]] = []
+    growth = iter(range(100, 1000))
+
+    def measured(workload: str, preset: str, layers: int, label: str, column: str, threads: int) -> dict[str, Any]:
+        calls.append((workload, column))
+        return {"peak_growth_MB": float(next(growth)), "state_MB": 10.0}
+
+    monkeypatch.setattr(rss, "measure", measured)
+    row = Row("tiny", "AdamW", columns.DEFAULT_MODE, 10, 2)
+    found = bench_run.resident_memory(
+        [row], {"tiny": {}}, PRESETS["full"], ["torch fused", "ours fused"], 1, lambda line: None
+    )
+    wide = [call for call in calls if call[0] == rss.WIDE]
+    assert [column for _, column in wide] == ["torch fused", "ours fused"] * rss.REPEATS
+    assert [call for call in calls if call[0] == "tiny"] == [("tiny", "torch fused"), ("tiny", "ours fused")]
+    by = {(r["workload"], r["column"]): r for r in found}
+    assert by[(rss.WIDE, "torch fused")]["peak_growth_MB_runs"] == [102.0, 104.0, 106.0]
+    assert by[(rss.WIDE, "torch fused")]["peak_growth_MB"] == 104.0
+    assert by[(rss.WIDE, "ours fused")]["peak_growth_MB"] == 105.0
+    assert "median of 3 runs: 103.0, 105.0, 107.0" in table.format_resident({"resident_memory": found})

@@ -134,7 +134,11 @@ def format_resident(results: dict[str, Any]) -> str:
         if "error" in run:
             lines.append(f"{where}: not measured: {run['error']}")
         else:
-            lines.append(f"{where}: {run['peak_growth_MB']:.1f} (of which state {run['state_MB']:.1f})")
+            several = run.get("peak_growth_MB_runs", [])
+            spread = (
+                f", median of {len(several)} runs: {', '.join(f'{m:.1f}' for m in several)}" if len(several) > 1 else ""
+            )
+            lines.append(f"{where}: {run['peak_growth_MB']:.1f} (of which state {run['state_MB']:.1f}{spread})")
     return "\n".join(lines)
 
 

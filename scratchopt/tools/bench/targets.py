@@ -229,7 +229,8 @@ def targets(
                 extra,
                 EXTRA_MEMORY_LIMIT,
                 False,
-                f"{OURS_FUSED}'s loop grows the peak RSS by {extra:+.2%} of the state more than {TORCH_FUSED}'s"
+                f"{OURS_FUSED}'s loop grows the peak RSS (median of fresh processes) by {extra:+.2%} of the state more "
+                f"than {TORCH_FUSED}'s"
                 if extra is not None
                 else "",
                 f"at most {EXTRA_MEMORY_LIMIT:.0%} of the state more",
@@ -247,7 +248,8 @@ def targets(
                 saved,
                 EIGHT_BIT_MEMORY_SAVING_MB,
                 True,
-                f"{OURS_8BIT_STATE}'s loop grows the peak RSS by {saved:.0f} MB less than {TORCH_FUSED}'s"
+                f"{OURS_8BIT_STATE}'s loop grows the peak RSS (median of fresh processes) by {saved:.0f} MB less "
+                f"than {TORCH_FUSED}'s"
                 if saved is not None
                 else "",
                 f"at least {EIGHT_BIT_MEMORY_SAVING_MB:.0f} MB less",
