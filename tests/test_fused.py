@@ -543,3 +543,23 @@ def test_a_groups_bookkeeping_at_once_is_count_step_for_each_param(name, tables,
                 state = optimizer.state[params[1]]
                 for key in [k for k, v in state.items() if isinstance(v, Tensor) and v.dim() == 0]:
                     state[key] = state[key].double()
+
+
+def test_a_float32_kernel_reads_no_low_precision_tables(native_runtime, monkeypatch):
+    """A float32 group's kernel is handed neither the noise table nor the quantisation tables (they are
+    made on first use, and a process training in float32 never holds them)."""
+    from scratchopt import precision, quantization
+
+    def refused() -> Tensor:
+        raise AssertionError("a float32 step asked for a low-precision table")
+
+    monkeypatch.setattr(precision, "native_noise", refused)
+    monkeypatch.setattr(quantization, "native_tables", refused)
+    model = nn.Linear(64, 64)
+    optimizer = scratchopt.AdamW(model.parameters(), impl="fused")
+    launches = native.LAUNCHES[0]
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 64)).square().mean().backward()
+        optimizer.step()
+    assert native.LAUNCHES[0] > launches

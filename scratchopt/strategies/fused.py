@@ -285,8 +285,14 @@ class Fused(Strategy):
         if trace.kernel is False:
             return False
         threads = native.threads_for(tables.total)
-        # What the kernel's low-precision tensors read: the quantisation tables, or the noise table.
-        noise = (quantization.native_tables() if tables.quantized else precision.native_noise()).data_ptr()
+        # What the kernel's low-precision tensors read: the quantisation tables, or the noise table (made on
+        # first use: a float32 group's kernel reads neither, and its process never holds them).
+        if tables.quantized:
+            noise = quantization.native_tables().data_ptr()
+        elif tables.narrow or tables.narrow_params:
+            noise = precision.native_noise().data_ptr()
+        else:
+            noise = 0
         native.LAUNCHES[0] += 1
         if len(rows) == 1:
             tables.launch(trace.kernel.address, next(iter(rows.values())) or [0.0], 0, threads, seed, noise)
