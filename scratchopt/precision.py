@@ -232,9 +232,15 @@ def _freed(nbytes: int) -> None:
     _FREED[0] += nbytes
     if _FREED[0] >= RELEASE_BYTES:
         _FREED[0] = 0
-        trim = _malloc_trim()
-        if trim is not None:
-            trim(0)
+        release_free_heap()
+
+
+def release_free_heap() -> None:
+    """Ask glibc to return the heap's free pages to the OS (after building a table whose temporaries
+    leave megabytes of freed heap resident); nothing with another C library."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def hash16(index: Tensor, seed: int) -> Tensor:
@@ -271,6 +277,7 @@ def noise_table() -> Tensor:
         # Twice over, as 16-bit numbers: what a native kernel reads (a window of 2¹⁶ from any start).
         doubled = torch.cat([table, table])
         _NOISE.append(torch.where(doubled >= 0x8000, doubled - 0x10000, doubled).to(torch.int16))
+        release_free_heap()
     return _NOISE[0]
 
 

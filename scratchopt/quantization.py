@@ -148,8 +148,12 @@ def native_tables() -> Tensor:
     """What a generated kernel with 8-bit state reads (int32, contiguous): the signed and the unsigned
     :func:`dynamic_map` (256 float32 each, as their bit patterns), their :func:`lookup_table` (65536
     entries each)."""
+    from scratchopt.precision import release_free_heap
+
     maps = torch.cat([dynamic_map(True), dynamic_map(False)]).view(torch.int32)
-    return torch.cat([maps, lookup_table(True), lookup_table(False)]).contiguous()
+    tables = torch.cat([maps, lookup_table(True), lookup_table(False)]).contiguous()
+    release_free_heap()  # the lookups' temporaries
+    return tables
 
 
 def _floats(bits: Tensor) -> Tensor:

@@ -382,6 +382,7 @@ def test_the_float32_state_that_8bit_state_replaces_is_handed_back(monkeypatch):
     """Each param's first step makes float32 state and quantises it: every RELEASE_BYTES of float32 freed,
     the freed heap pages are handed back (glibc's malloc_trim), so the holes between the packed tensors do
     not stay resident."""
+    quantization.native_tables()  # made once per process, and trimmed after: not this test's count
     trims = []
     monkeypatch.setattr(precision, "_malloc_trim", lambda: trims.append)
     monkeypatch.setattr(precision, "_FREED", [0])
