@@ -193,15 +193,18 @@ def check_fsdp2_step_in_backward(impl: str, out_dir: Path, check: str) -> dict[s
     return {}
 
 
-def check_low_precision(state_dtype: str, impl: str, out_dir: Path, check: str) -> dict[str, Any]:
-    """AdamW with low-precision state under FSDP2 against the same optimizer on an unsharded copy of the
-    model, given the whole gradients of each step: the same parameters and state bit for bit (8-bit
-    state row by row is the flat storage where a row is whole blocks, and each shard's random bits are
-    the whole tensor's); the state is placed like its param, 8-bit state row by row."""
-    kwargs = {**ALGORITHMS["AdamW"], "state_dtype": STATE_DTYPES[state_dtype]}
+def check_low_precision(
+    state_dtype: str, impl: str, out_dir: Path, check: str, algorithm: str = "AdamW"
+) -> dict[str, Any]:
+    """An algorithm with low-precision state under FSDP2 against the same optimizer on an unsharded copy
+    of the model, given the whole gradients of each step: the same parameters and state bit for bit
+    (8-bit state row by row is the flat storage where a row is whole blocks, and each shard's random
+    bits are the whole tensor's); the state is placed like its param, 8-bit state row by row, SGD's
+    momentum buffer, made by its own bookkeeping, included."""
+    kwargs = {**ALGORITHMS[algorithm], "state_dtype": STATE_DTYPES[state_dtype]}
     model, unsharded = sharded(wide_mlp(0)), wide_mlp(0)
-    ours = scratchopt.AdamW(model.parameters(), impl=impl, **kwargs)
-    reference = scratchopt.AdamW(unsharded.parameters(), impl=impl, **kwargs)
+    ours = getattr(scratchopt, algorithm)(model.parameters(), impl=impl, **kwargs)
+    reference = getattr(scratchopt, algorithm)(unsharded.parameters(), impl=impl, **kwargs)
     for step in range(STEPS):
         inputs, targets = batch(step, model)
         ours.zero_grad()
@@ -213,6 +216,7 @@ def check_low_precision(state_dtype: str, impl: str, out_dir: Path, check: str) 
                 torch.manual_seed(step)
                 optimizer.step()
     weight = model[0].weight
+    assert any(value.dim() for value in ours.state[weight].values()), "no state tensor"
     for key, value in ours.state[weight].items():
         if value.dim():
             assert isinstance(value, DTensor) and value.placements == weight.placements, f"{key}: {describe(value)}"
@@ -220,7 +224,7 @@ def check_low_precision(state_dtype: str, impl: str, out_dir: Path, check: str) 
                 assert value.dtype == torch.uint8 and value.shape == quantization.rows_shape(weight.shape), key
             else:
                 assert value.dtype == torch.bfloat16 and value.to_local().shape == weight.to_local().shape, key
-    bias_state = ours.state[model[0].bias]["exp_avg"]
+    bias_state = next(v for v in ours.state[model[0].bias].values() if v.dim())
     assert bias_state.dtype == (torch.float32 if state_dtype == "8bit" else torch.bfloat16), describe(bias_state)
     pairs = {
         "sharded vs unsharded": (snapshot(model), snapshot(unsharded)),
@@ -352,8 +356,12 @@ def checks(out_dir: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
         name = f"dcp/AdamW/{impl}"
         yield name, lambda i=impl, n=name: check_dcp_resume(i, out_dir, n)
         for state_dtype in STATE_DTYPES:
-            name = f"fsdp2-{state_dtype}-state/AdamW/{impl}"
-            yield name, lambda d=state_dtype, i=impl, n=name: check_low_precision(d, i, out_dir, n)
+            for algorithm in ALGORITHMS:
+                name = f"fsdp2-{state_dtype}-state/{algorithm}/{impl}"
+                yield (
+                    name,
+                    lambda d=state_dtype, i=impl, n=name, a=algorithm: check_low_precision(d, i, out_dir, n, a),
+                )
             if impl in LOW_PRECISION_RESUMED:
                 name = f"dcp-{state_dtype}-state/AdamW/{impl}"
                 yield name, lambda d=state_dtype, i=impl, n=name: check_dcp_resume(i, out_dir, n, d)
