@@ -319,15 +319,49 @@ def check_zero(impl: str, out_dir: Path, check: str) -> dict[str, Any]:
     later = range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_LOAD)
     train(model, ours, later)
 
-    resumed = DistributedDataParallel(mlp(1))
-    resumed.module.load_state_dict(checkpoint[0])
-    resumed_optimizer = ZeroRedundancyOptimizer(
-        resumed.parameters(), optimizer_class=scratchopt.AdamW, impl=impl, **kwargs
-    )
-    resumed_optimizer.load_state_dict(checkpoint[1])
-    train(resumed, resumed_optimizer, later)
+    resumed, _ = _zero_resumed(mlp, checkpoint, impl, kwargs, later)
     pairs["resumed vs uninterrupted"] = (snapshot(resumed), snapshot(model))
     save_pairs(out_dir, check, pairs)
+    return {}
+
+
+def _zero_resumed(
+    make: Callable[[int], nn.Sequential], checkpoint: list[Any], impl: str, kwargs: dict[str, Any], steps: range
+) -> tuple[nn.Module, ZeroRedundancyOptimizer]:
+    """A fresh DDP model (other initial values) and ZeRO optimizer that load ``checkpoint`` (the model's
+    and the consolidated optimizer's state_dicts) on every rank, then train ``steps``."""
+    resumed = DistributedDataParallel(make(1))
+    resumed.module.load_state_dict(checkpoint[0])
+    optimizer = ZeroRedundancyOptimizer(resumed.parameters(), optimizer_class=scratchopt.AdamW, impl=impl, **kwargs)
+    optimizer.load_state_dict(checkpoint[1])
+    train(resumed, optimizer, steps)
+    return resumed, optimizer
+
+
+def check_zero_low_precision(state_dtype: str, impl: str, out_dir: Path, check: str) -> dict[str, Any]:
+    """ZeroRedundancyOptimizer(optimizer_class=scratchopt.AdamW, state_dtype=…) + DDP: each rank keeps
+    its own params' state in low precision, the consolidated state_dict holds it under torch's keys, and
+    a fresh model and optimizer that load it on every rank continue exactly as the run that never
+    stopped."""
+    kwargs = {**ALGORITHMS["AdamW"], "state_dtype": STATE_DTYPES[state_dtype]}
+    model = DistributedDataParallel(wide_mlp(0))
+    ours = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=scratchopt.AdamW, impl=impl, **kwargs)
+    train(model, ours, range(STEPS_BEFORE_SAVE))
+    state_dict = _consolidated(ours)
+    wanted = torch.uint8 if state_dtype == "8bit" else torch.bfloat16
+    if state_dict is not None:
+        kept = {value.dtype for state in state_dict["state"].values() for value in state.values() if value.dim()}
+        assert wanted in kept, f"the consolidated state holds {kept}"
+    checkpoint = [copy.deepcopy(model.module.state_dict()), state_dict]
+    dist.broadcast_object_list(checkpoint, src=0)
+    later = range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_LOAD)
+    train(model, ours, later)
+    resumed, resumed_optimizer = _zero_resumed(wide_mlp, checkpoint, impl, kwargs, later)
+    for param, state in resumed_optimizer.optim.state.items():  # this rank's params: whole tensors
+        kept = precision.stored_dtype(precision.state_dtype_for(param, kwargs))
+        for key, value in state.items():
+            assert not value.dim() or value.dtype == kept, f"{key} of a {tuple(param.shape)} param: {value.dtype}"
+    save_pairs(out_dir, check, {"resumed vs uninterrupted": (snapshot(resumed), snapshot(model))})
     return {}
 
 
@@ -373,6 +407,10 @@ def checks(out_dir: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
             )
         name = f"zero/AdamW/{impl}"
         yield name, lambda i=impl, n=name: check_zero(i, out_dir, n)
+        if impl in LOW_PRECISION_RESUMED:
+            for state_dtype in STATE_DTYPES:
+                name = f"zero-{state_dtype}-state/AdamW/{impl}"
+                yield name, lambda d=state_dtype, i=impl, n=name: check_zero_low_precision(d, i, out_dir, n)
     yield "ddp-step-in-backward/refused", check_ddp_refuses_step_in_backward
 
 

@@ -1,6 +1,6 @@
 """scratchopt inside torch.distributed, on 2 gloo ranks on one machine: FSDP2, stepping during backward
 under FSDP2, a torch.distributed.checkpoint resume under FSDP2, bfloat16 and 8-bit state under FSDP2 and
-through a resume, DDP, and ZeroRedundancyOptimizer, with every strategy.
+through a resume, DDP, and ZeroRedundancyOptimizer (with low-precision state too), with every strategy.
 
 All checks run in one launch of two rank processes (:mod:`ranks`; what each rank does is in
 :mod:`distributed_checks`), because starting a rank costs seconds and the checks themselves well under
