@@ -40,8 +40,10 @@ class Preset:
     digits_batch_size: int
     #: Steps of the GPT-like model that each optimizer after AdamW trains beside it.
     gpt_curve_steps: int
-    #: Steps of the GPT-like model that AdamW trains with each precision of its state, from each seed.
+    #: Steps of the GPT-like model and the digits MLP that each algorithm of section 5 trains with each
+    #: precision of its state, from each of the first ``precision_seeds`` seeds.
     precision_curve_steps: int
+    precision_seeds: int
     #: The model whose optimizer step is timed against torch's: ``speed_layers`` × Linear(width, width).
     speed_layers: int
     speed_width: int
@@ -92,6 +94,7 @@ PRESETS: dict[str, Preset] = {
         digits_steps=1000,
         gpt_curve_steps=600,
         precision_curve_steps=2000,
+        precision_seeds=3,
         digits_batch_size=128,
         speed_layers=16,
         speed_width=256,
@@ -123,6 +126,7 @@ PRESETS: dict[str, Preset] = {
         digits_steps=30,
         gpt_curve_steps=12,
         precision_curve_steps=12,
+        precision_seeds=1,
         digits_batch_size=128,
         speed_layers=4,
         speed_width=64,

@@ -166,7 +166,7 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         train(algorithm, label, state_dtype, seed, preset.precision_curve_steps, held_out)
         for algorithm in TRAINED
         for label, state_dtype in bar(SETTINGS, desc=f"low-precision state: {algorithm}")
-        for seed in SEEDS
+        for seed in SEEDS[: preset.precision_seeds]
     ]
     data = torch_parity.digits_split()
     pairings = digits_pairings()
@@ -174,7 +174,7 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         train_digits(pairing, label, state_dtype, seed, preset.precision_curve_steps, data)
         for pairing in bar(pairings, desc="low-precision state: digits MLP")
         for label, state_dtype in SETTINGS
-        for seed in SEEDS
+        for seed in SEEDS[: preset.precision_seeds]
     ]
     summary = summarize(runs)
     digits_summary = summarize(digits_runs)
@@ -185,7 +185,7 @@ def run(preset: Preset, figures: FigureWriter, bar: Any) -> dict[str, Any]:
         ),
         "params": sum(p.numel() for p in TinyGPT(**beyond_adamw.MODEL).parameters()),
         "steps": preset.precision_curve_steps,
-        "seeds": list(SEEDS),
+        "seeds": list(SEEDS[: preset.precision_seeds]),
         "learning_rates": {name: beyond_adamw.settings_of(ALGORITHMS[name])["lr"] for name in TRAINED},
         "source_entropy": beyond_adamw.source_entropy(transitions),
         "runs": runs,
