@@ -520,7 +520,9 @@ def _update_shards(
         optimizer.state[shard] = shard_state
         shards.append(shard)
         given.append(dict(shard_state))
-        layouts.append(Layout(state_dtype_for(param, group), param.dim() >= 2, global_offset(param)))
+        layouts.append(
+            Layout(state_dtype_for(param, group), is_dtensor(param) and param.dim() >= 2, global_offset(param))
+        )
     try:
         update(optimizer, group, shards, hyperparameters, run, base, counted, layouts)
     finally:
